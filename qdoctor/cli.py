@@ -1,0 +1,174 @@
+"""Command line: `qdoctor check | smoke | train | rules`.
+
+Exit codes (a contract for CI): 0 no error finding; 1 at least one error finding (also warnings
+under --strict); 2 qdoctor was used wrongly (bad flag, unreadable input); 3 qdoctor itself failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from qdoctor import __version__
+from qdoctor.redact import redact
+
+EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """A one-line message for the user; exit code 2, never a traceback."""
+
+
+def out(text: str, err: bool = False) -> None:
+    """Every byte qdoctor prints goes through redaction."""
+    click.echo(redact(text), nl=False, err=err)
+
+
+def codes_option(value: str | None) -> tuple[str, ...]:
+    return tuple(c.strip().upper() for c in (value or "").split(",") if c.strip())
+
+
+def format_options(f):
+    f = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")(f)
+    f = click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default=None,
+                     help="Output format (markdown is made for bug reports).")(f)
+    f = click.option("-v", "--verbose", is_flag=True, help="Show the evidence under every line.")(f)
+    f = click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")(f)
+    f = click.option("--select", default=None, help="Only these codes or prefixes, comma-separated (QD3,QD401).")(f)
+    f = click.option("--ignore", default=None, help="Drop these codes or prefixes, comma-separated.")(f)
+    return f
+
+
+def resolve_format(as_json: bool, fmt: str | None) -> str:
+    if as_json and fmt not in (None, "json"):
+        raise click.UsageError("--json and --format %s contradict each other" % fmt)
+    return "json" if as_json else (fmt or "text")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qdoctor")
+def cli():
+    """Can this machine fine-tune an LLM with QLoRA? check -> smoke -> train."""
+
+
+@cli.command()
+@click.option("--facts", "facts_file", type=str, default=None,
+              help="Judge a saved snapshot (a --json output or a facts object) instead of this machine.")
+@click.option("--deep", is_flag=True,
+              help="Also import torch and bitsandbytes in a child process (slower; result cached).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Seconds allowed to the child process of --deep.")
+@click.option("--save-facts", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the facts snapshot to this file.")
+@format_options
+def check(facts_file, deep, timeout, save_facts, as_json, fmt, verbose, strict, select, ignore):
+    """Observe this machine, judge it against the matrix, print findings with fixes."""
+    from qdoctor import matrix
+    from qdoctor.facts.schema import FactsError, load_file
+    from qdoctor.findings import exit_code
+    from qdoctor.findings import select as select_findings
+    from qdoctor.rules import judge
+
+    fmt = resolve_format(as_json, fmt)
+    if facts_file and deep:
+        raise click.UsageError("--deep observes this machine; it cannot be combined with --facts")
+    if facts_file:
+        try:
+            facts = load_file(facts_file)
+        except FactsError as e:
+            raise UsageError(str(e)) from None
+    else:
+        from qdoctor.facts import collect
+
+        facts = collect(deep=deep, timeout=timeout)
+    findings = judge(facts, matrix.load())
+    findings = select_findings(findings, codes_option(select), codes_option(ignore))
+    emit_report("check", findings, facts, fmt, verbose)
+    if save_facts:
+        write_facts(save_facts, facts)
+    sys.exit(exit_code(findings, strict))
+
+
+def write_facts(path: str, facts: dict) -> None:
+    import json
+
+    from qdoctor.atomic import write_text
+    from qdoctor.redact import redact_obj
+
+    write_text(path, json.dumps(redact_obj(facts), indent=2, default=str) + "\n")
+
+
+def emit_report(command, findings, facts, fmt, verbose, extra=None, text_footer=None, md_sections=None,
+                header=None):
+    from qdoctor import report
+    from qdoctor.redact import redact_obj
+
+    if fmt == "json":
+        out(report.render_json(findings, redact_obj(facts) if facts is not None else None, command, extra))
+    elif fmt == "markdown":
+        out(report.render_markdown(findings, redact_obj(facts) if facts is not None else None, command,
+                                   md_sections))
+    else:
+        head = header or f"qdoctor {command} {__version__}"
+        out(report.render_text(findings, verbose=verbose, header=head, footer=text_footer))
+
+
+@cli.command("rules")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text")
+def rules_cmd(fmt):
+    """List every finding code with what it checks."""
+    from qdoctor.rules import load_rules
+    from qdoctor.rulesdoc import render_rules
+
+    out(render_rules(load_rules(), fmt))
+
+
+def _register_optional():
+    """smoke and train live in their own modules; register them when present."""
+    import importlib
+
+    for mod, name in (("qdoctor.smoke.cli", "smoke"), ("qdoctor.train.cli", "train")):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == mod or mod.startswith(e.name + ".")):
+                continue
+            raise
+        cli.add_command(getattr(m, name))
+
+
+_register_optional()
+
+
+def main(argv=None):
+    try:
+        rc = cli.main(args=argv, prog_name="qdoctor", standalone_mode=False)
+    except UsageError as e:
+        out(f"qdoctor: error: {e}\n", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        out("qdoctor: aborted\n", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        # bad flag / bad value: click's message, one line plus the usage hint, exit 2
+        msg = e.format_message()
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        out(f"qdoctor: error: {msg}{hint}\n", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        out("qdoctor: interrupted\n", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # a bug in qdoctor: one line, traceback only on request
+        if os.environ.get("QDOCTOR_DEBUG"):
+            raise
+        out(f"qdoctor: internal error: {type(e).__name__}: {e} (set QDOCTOR_DEBUG=1 for a traceback)\n",
+            err=True)
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,36 @@
+"""The knowledge, as data: load `matrix/*.toml` (shipped inside the wheel as qdoctor/matrix).
+
+Every table entry carries a `source`; rules read these tables instead of hard-coding facts, so a
+newer matrix re-judges an old snapshot without code changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def matrix_dir() -> Path:
+    """Installed wheel: qdoctor/matrix; source checkout / editable install: <repo>/matrix."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "matrix", here.parent / "matrix"):
+        if cand.is_dir() and any(cand.glob("*.toml")):
+            return cand
+    raise FileNotFoundError("qdoctor's matrix/ data directory is missing from this installation")
+
+
+@functools.lru_cache(maxsize=4)
+def load(directory: str | None = None) -> dict:
+    """All tables, keyed by file stem: {'gpus': {...}, 'drivers': {...}, ...}."""
+    d = Path(directory) if directory else matrix_dir()
+    out = {}
+    for f in sorted(d.glob("*.toml")):
+        with f.open("rb") as fh:
+            out[f.stem] = tomllib.load(fh)
+    return out
