@@ -19,10 +19,10 @@ BIG_FILE = 64 << 20  # inspect files above this through the cache; small ones ar
 
 
 def load_rules() -> list[dict]:
-    from qdoctor.matrix import matrix_dir, tomllib
+    """matrix/bnb_loader.toml (through matrix.load's cache, which `check` reads anyway)."""
+    from qdoctor import matrix
 
-    with open(matrix_dir() / "bnb_loader.toml", "rb") as fh:
-        return tomllib.load(fh)["loader"]
+    return matrix.load()["bnb_loader"]["loader"]
 
 
 def rule_for(version: str | None, rules: list[dict]) -> dict | None:

@@ -53,7 +53,9 @@ def probe() -> dict:
             except BaseException as e:  # noqa: BLE001
                 out["bitsandbytes"].update({"loads": False, "error": f"{type(e).__name__}: {e}"})
             out["bitsandbytes"]["import_s"] = round(time.perf_counter() - t0, 3)
-    out["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught][-20:]
+    msgs = [f"{w.category.__name__}: {w.message}" for w in caught
+            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    out["warnings"] = list(dict.fromkeys(msgs))[-20:]  # de-duplicated, in order
     out["log"] = _tail(log_buf.getvalue(), 40)
     return out
 
@@ -136,7 +138,8 @@ def run_child(timeout: float) -> dict:
 
     res = run_module_function("qdoctor.facts.runtime", "probe", {}, timeout=timeout)
     section = {"ran": True, "cached": False, "duration_s": round(res.duration_s, 3), "status": res.status,
-               "error": None, "stderr_tail": _tail(res.stderr), "collected_at": time.time()}
+               "error": None, "stderr_tail": _tail(res.stderr),
+               "collected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if res.status == "timeout":
         section["error"] = f"importing torch/bitsandbytes did not finish within {timeout:g} s"
     elif res.status == "crash":
