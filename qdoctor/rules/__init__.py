@@ -8,6 +8,7 @@ broken rule never hides the others.
 from __future__ import annotations
 
 import importlib
+import inspect
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ class Rule:
 
     @property
     def doc(self) -> str:
-        return (self.func.__doc__ or "").strip()
+        return inspect.cleandoc(self.func.__doc__ or "")
 
 
 REGISTRY: list[Rule] = []
@@ -66,6 +67,7 @@ def judge(facts: dict, matrix: dict) -> list[Finding]:
             findings.extend(out)
         except Exception as e:  # a rule bug must not hide the other rules
             tb = traceback.format_exception_only(type(e), e)[-1].strip()
-            findings.append(Finding("QD001", "warning", f"rule {r.code} ({r.slug}) failed on these facts",
-                                    [tb], "please report this with `qdoctor check --format markdown`", r.area))
+            title = f"rule {r.code} ({r.slug}) failed on these facts"
+            findings.append(Finding("QD001", "warning", title, [tb],
+                                    "please report this with `qdoctor check --format markdown`", r.area))
     return findings

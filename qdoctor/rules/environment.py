@@ -51,7 +51,16 @@ def env_summary(facts, matrix):
         return []
     set_ = [f"{k}={env[k]}" for k in _SHOWN if env.get(k) is not None]
     title = ", ".join(set_) if set_ else "no variables that change GPU, library or hub behaviour are set"
-    return [Finding("QD600", "ok", title, [f"env.{k} = {env.get(k)}" for k in _SHOWN], None, AREA)]
+    return [
+        Finding(
+            "QD600",
+            "ok",
+            title,
+            [f"env.{k} = {env[k] if env.get(k) is not None else 'unset'}" for k in _SHOWN],
+            None,
+            AREA,
+        )
+    ]
 
 
 @rule("QD601", "wsl", AREA)

@@ -94,7 +94,9 @@ def torch_summary(facts, matrix):
         kind = f"ROCm {t['hip']}"
     else:
         kind = "CPU-only build"
-    ev = [f"torch.version = {tv}", f"torch.cuda = {t.get('cuda')}", f"arch list from {origin}"]
+    ev = [f"torch.version = {tv}", f"torch.cuda = {t.get('cuda') or 'none (no CUDA in this build)'}"]
+    if origin:
+        ev.append(f"GPU code: {arch_span(sass, ptx)} (from {origin})")
     if t.get("cuda_available") is not None:
         ev.append(f"torch.cuda_available = {t['cuda_available']}, device_count = {t.get('device_count')}")
     return [Finding("QD300", "ok", f"torch {tv} ({kind})", ev, None, AREA)]

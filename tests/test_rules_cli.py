@@ -1,0 +1,133 @@
+"""`qdoctor check --facts` through click's runner: exit codes, output formats, selection, redaction,
+and the generated rule reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from qdoctor.cli import main
+
+SNAP = Path(__file__).parent / "snapshots"
+DOCS = Path(__file__).parent.parent / "docs" / "rules.md"
+SECRET = "hf_abcdefghijklmnopqrstuvwx123"
+URL_PASSWORD = "s3cr3t-pa55word"
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def entry(args):
+    """Runs the real entry point, so exit codes and error handling are the ones users get."""
+    main(list(args))
+
+
+def qd(*args):
+    return CliRunner().invoke(entry, list(args))
+
+
+def snap(name: str) -> str:
+    return str(SNAP / f"{name}.json")
+
+
+@pytest.mark.parametrize(
+    "name,code", [("h200-cu130", 0), ("cpu-only-machine", 0), ("v100-cu130", 1), ("old-driver", 1), ("t4", 0)]
+)
+def test_exit_codes(name, code):
+    r = qd("check", "--facts", snap(name))
+    assert r.exit_code == code, r.output
+    assert ("NOT READY" in r.output) == (code == 1)
+
+
+def test_strict_turns_warnings_into_exit_1():
+    assert qd("check", "--facts", snap("t4")).exit_code == 0
+    assert qd("check", "--facts", snap("t4"), "--strict").exit_code == 1
+
+
+def test_bad_facts_files_exit_2(tmp_path):
+    cases = {
+        "missing": None,
+        "truncated.json": '{"schema": "qdoctor.facts/1", "nvidia": {"gpus": [',
+        "array.json": "[1, 2, 3]",
+        "wrong-schema.json": json.dumps({"schema": "something.else/9", "facts": None}),
+        "wrong-type.json": json.dumps({"schema": "qdoctor.facts/1", "nvidia": []}),
+        "report-wrong-schema.json": json.dumps(
+            {"schema": "qdoctor.report/1", "facts": {"schema": "other/1"}}
+        ),
+    }
+    for name, text in cases.items():
+        p = tmp_path / name
+        if text is not None:
+            p.write_text(text)
+        r = qd("check", "--facts", str(p))
+        assert r.exit_code == 2, (name, r.output)
+        assert "Traceback" not in r.output
+        assert len([x for x in r.output.splitlines() if x.strip()]) == 1, (name, r.output)
+
+
+def test_json_shape_and_reload(tmp_path):
+    r = qd("check", "--facts", snap("v100-cu130"), "--json")
+    assert r.exit_code == 1
+    doc = json.loads(r.output)
+    assert {"schema", "qdoctor_version", "facts", "findings"} <= set(doc)
+    assert doc["facts"]["nvidia"]["gpus"][0]["compute_capability"] == "7.0"
+    for f in doc["findings"]:
+        assert {"code", "severity", "title", "evidence", "fix"} <= set(f)
+    assert {f["code"] for f in doc["findings"] if f["severity"] == "error"} == {"QD303", "QD404"}
+    # a saved report is itself a valid --facts input and is judged the same
+    p = tmp_path / "report.json"
+    p.write_text(r.output)
+    again = json.loads(qd("check", "--facts", str(p), "--json").output)
+    assert [f["code"] for f in again["findings"]] == [f["code"] for f in doc["findings"]]
+
+
+def test_markdown_format():
+    r = qd("check", "--facts", snap("v100-cu130"), "--format", "markdown")
+    assert r.exit_code == 1
+    assert "| error | QD303 |" in r.output and "<details><summary>facts</summary>" in r.output
+
+
+def test_select_and_ignore():
+    r = qd("check", "--facts", snap("v100-cu130"), "--json", "--select", "QD4")
+    codes = {f["code"] for f in json.loads(r.output)["findings"]}
+    assert codes and all(c.startswith("QD4") for c in codes) and r.exit_code == 1
+    r = qd("check", "--facts", snap("v100-cu130"), "--json", "--ignore", "QD303,QD404")
+    codes = {f["code"] for f in json.loads(r.output)["findings"]}
+    assert not codes & {"QD303", "QD404"} and r.exit_code == 0
+
+
+def test_verbose_shows_all_evidence():
+    quiet = qd("check", "--facts", snap("v100-cu130")).output
+    loud = qd("check", "--facts", snap("v100-cu130"), "-v").output
+    assert "libraries here with sm_70: cuda118, cuda121, cuda124, cuda126, cuda128" in loud
+    assert len(loud) > len(quiet)
+
+
+def test_secrets_never_printed(tmp_path):
+    facts = json.loads((SNAP / "wsl-vgpu.json").read_text())
+    facts["env"]["HF_TOKEN"] = SECRET
+    facts["env"]["HTTPS_PROXY"] = f"http://alice:{URL_PASSWORD}@proxy.example:3128"
+    facts["env"]["PIP_INDEX_URL"] = f"https://bob:{URL_PASSWORD}@pypi.example/simple"
+    facts["bitsandbytes"]["error"] = (
+        f"failed while fetching https://carol:{URL_PASSWORD}@x.example/ with {SECRET}"
+    )
+    p = tmp_path / "leaky.json"
+    p.write_text(json.dumps(facts))
+    for args in ([], ["-v"], ["--json"], ["--format", "markdown"]):
+        r = qd("check", "--facts", str(p), *args)
+        assert r.exit_code in (0, 1), r.output
+        assert SECRET not in r.output and URL_PASSWORD not in r.output, args
+    r = qd("check", "--facts", str(p), "-v")
+    assert "HF_TOKEN" in r.output  # QD607 names it, without its value
+
+
+def test_rules_reference_is_generated():
+    r = qd("rules", "--format", "markdown")
+    assert r.exit_code == 0
+    assert r.output == DOCS.read_text(), (
+        "docs/rules.md is stale: qdoctor rules --format markdown > docs/rules.md"
+    )
+    assert "## QD303" in r.output and "## QD404" in r.output
