@@ -1,0 +1,80 @@
+"""The JSON cache: round trip, harmless failures, and what the environment fingerprint depends on."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+from qdoctor import cache
+
+
+def test_round_trip_and_key_check(tmp_path, monkeypatch):
+    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path))
+    assert cache.load("probe", "k1") is None
+    assert cache.store("probe", "k1", {"a": [1, 2]}) is True
+    assert cache.load("probe", "k1") == {"a": [1, 2]}
+    assert cache.load("probe", "k2") is None
+    assert cache.load("other", "k1") is None
+
+
+def test_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("QDOCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache.cache_dir() == os.path.join(str(tmp_path), "qdoctor")
+
+
+def test_unwritable_or_corrupt_cache_is_a_miss(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache dir should be")
+    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(blocker))
+    assert cache.store("probe", "k", {"x": 1}) is False
+    assert cache.load("probe", "k") is None
+    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path / "c"))
+    cache.store("probe", "k", {"x": 1})
+    path = cache._path("probe", "k")
+    with open(path, "w") as fh:
+        fh.write("{not json")
+    assert cache.load("probe", "k") is None
+
+
+def test_max_age(tmp_path, monkeypatch):
+    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path))
+    cache.store("probe", "k", 1)
+    os.utime(cache._path("probe", "k"), (1, 1))
+    assert cache.load("probe", "k", max_age_s=60) is None
+    assert cache.load("probe", "k") == 1
+
+
+def test_disabled(tmp_path, monkeypatch):
+    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("QDOCTOR_NO_CACHE", "1")
+    assert cache.store("probe", "k", 1) is False and cache.load("probe", "k") is None
+
+
+FACTS = {"platform": {"python_executable": "/venv/bin/python", "python": "3.11.7", "release": "6.8"},
+         "packages": {"torch": "2.11.0+cu130", "bitsandbytes": "0.50.2", "transformers": "5.17.0",
+                      "peft": "0.21.0", "numpy": "2.5.2"},
+         "nvidia": {"driver": "580.159.04", "gpus": [{"name": "NVIDIA H200", "memory_free_mib": 1}]},
+         "env": {"CUDA_VISIBLE_DEVICES": None, "BNB_CUDA_VERSION": None, "LD_LIBRARY_PATH": None,
+                 "HF_HOME": "x"}}
+
+
+def test_fingerprint_tracks_what_a_runtime_result_depends_on():
+    base = cache.fingerprint(FACTS)
+    assert base == cache.fingerprint(copy.deepcopy(FACTS))
+    for path, value in ((("packages", "torch"), "2.11.0+cu128"), (("packages", "peft"), "0.20.0"),
+                        (("nvidia", "driver"), "590.44.01"), (("env", "CUDA_VISIBLE_DEVICES"), "1"),
+                        (("env", "BNB_CUDA_VERSION"), "128"), (("env", "LD_LIBRARY_PATH"), "/x"),
+                        (("platform", "python_executable"), "/other/python")):
+        f = copy.deepcopy(FACTS)
+        f[path[0]][path[1]] = value
+        assert cache.fingerprint(f) != base, path
+    g = copy.deepcopy(FACTS)
+    g["nvidia"]["gpus"][0]["name"] = "NVIDIA H100"
+    assert cache.fingerprint(g) != base
+    # things a deep result does not depend on leave it unchanged
+    h = copy.deepcopy(FACTS)
+    h["packages"]["numpy"] = "1.0"
+    h["env"]["HF_HOME"] = "y"
+    h["nvidia"]["gpus"][0]["memory_free_mib"] = 99
+    assert cache.fingerprint(h) == base
