@@ -19,7 +19,7 @@ import time
 VERSION = 1  # bump to orphan every old entry when a cached format changes
 
 FINGERPRINT_ENV = ("CUDA_VISIBLE_DEVICES", "BNB_CUDA_VERSION", "BNB_ROCM_VERSION", "LD_LIBRARY_PATH")
-FINGERPRINT_PACKAGES = ("torch", "bitsandbytes", "transformers", "peft", "accelerate", "triton")
+FINGERPRINT_PACKAGES = ("torch", "bitsandbytes", "transformers", "peft", "accelerate", "triton")  # always keyed
 
 
 def cache_dir(environ=None) -> str:
@@ -89,14 +89,19 @@ def file_key(path: str) -> str | None:
 
 
 def fingerprint(facts: dict) -> str:
-    """What a runtime (import torch) result depends on; a change in any of these invalidates it."""
+    """What a runtime (import torch) result depends on; a change in any of these invalidates it.
+
+    Python (executable, version), every reported package version (the stack, its neighbours and the
+    nvidia-* wheels), the driver, the GPU models, and CUDA_VISIBLE_DEVICES / BNB_CUDA_VERSION /
+    BNB_ROCM_VERSION / LD_LIBRARY_PATH.
+    """
     plat = facts.get("platform") or {}
     pkgs = facts.get("packages") or {}
     nv = facts.get("nvidia") or {}
     env = facts.get("env") or {}
     parts = {
         "python": [plat.get("python_executable"), plat.get("python")],
-        "packages": {n: pkgs.get(n) for n in FINGERPRINT_PACKAGES},
+        "packages": {**{n: pkgs.get(n) for n in FINGERPRINT_PACKAGES}, **pkgs},
         "driver": nv.get("driver"),
         "gpus": [g.get("name") for g in nv.get("gpus") or [] if isinstance(g, dict)],
         "env": {k: env.get(k) for k in FINGERPRINT_ENV},

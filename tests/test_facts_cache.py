@@ -63,6 +63,7 @@ def test_fingerprint_tracks_what_a_runtime_result_depends_on():
     base = cache.fingerprint(FACTS)
     assert base == cache.fingerprint(copy.deepcopy(FACTS))
     for path, value in ((("packages", "torch"), "2.11.0+cu128"), (("packages", "peft"), "0.20.0"),
+                        (("packages", "nvidia-cublas-cu12"), "12.8.4.1"),
                         (("nvidia", "driver"), "590.44.01"), (("env", "CUDA_VISIBLE_DEVICES"), "1"),
                         (("env", "BNB_CUDA_VERSION"), "128"), (("env", "LD_LIBRARY_PATH"), "/x"),
                         (("platform", "python_executable"), "/other/python")):
@@ -74,7 +75,6 @@ def test_fingerprint_tracks_what_a_runtime_result_depends_on():
     assert cache.fingerprint(g) != base
     # things a deep result does not depend on leave it unchanged
     h = copy.deepcopy(FACTS)
-    h["packages"]["numpy"] = "1.0"
     h["env"]["HF_HOME"] = "y"
     h["nvidia"]["gpus"][0]["memory_free_mib"] = 99
     assert cache.fingerprint(h) == base

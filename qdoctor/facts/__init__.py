@@ -63,11 +63,12 @@ def _highest_cc(nvidia: dict) -> str | None:
 
 
 def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=None, nvml=None,
-            use_cache: bool = True) -> dict:
+            use_cache: bool = True, refresh: bool = False) -> dict:
     """The facts snapshot of this machine.
 
-    deep: also import torch/bitsandbytes in a child (timeout seconds) and cache that result; without
-    it a fresh cached deep result for the same environment fingerprint is merged (runtime.cached).
+    deep: also import torch/bitsandbytes in a child (timeout seconds) and cache that result. A fresh
+    cached result for the same environment fingerprint (cache.fingerprint) is merged instead of
+    spawning a child (runtime.cached = true), by a plain collect too; refresh=True always re-runs it.
     paths/environ/nvml: what to observe instead of sys.path / os.environ / pynvml (tests inject these).
     """
     from qdoctor.facts import bnb, env, nvidia, packages, platform, runtime, torch_build
@@ -112,10 +113,10 @@ def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=No
                                                                   f"{nv_thread.error}"}
 
     facts["runtime"] = {"ran": False, "cached": False, "duration_s": None, "status": None, "error": None}
-    if deep:
-        _timed(facts, "runtime", lambda: runtime.deep(facts, timeout))
-    elif use_cache and paths is None:
+    if use_cache and paths is None and not (deep and refresh):
         _timed(facts, "runtime_cache", lambda: runtime.from_cache(facts))
+    if deep and not facts["runtime"].get("cached"):
+        _timed(facts, "runtime", lambda: runtime.deep(facts, timeout))
 
     def select():
         cuda_available = facts["torch"].get("cuda_available")
