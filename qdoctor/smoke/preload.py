@@ -1,0 +1,85 @@
+"""Import the QLoRA stack once, recording what happened (child side only).
+
+The fork server calls `preload()` before forking one process per probe, so each probe starts
+with torch, transformers and peft already imported; the `imports` probe then reads this record
+instead of importing again. On CUDA machines bitsandbytes is *not* preloaded: its import queries
+the GPUs, which initialises CUDA, and a process that has initialised CUDA cannot hand a usable
+GPU to a forked child. `PYTORCH_NVML_BASED_CUDA_CHECK=1` keeps torch.cuda.is_available() from
+initialising CUDA for the same reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+import traceback
+import warnings
+
+STACK = ("torch", "bitsandbytes", "transformers", "peft")
+# Heavy submodules every probe needs; importing them here moves their cost out of each probe.
+EXTRA = ("torch._dynamo", "transformers.models.llama.modeling_llama", "peft.tuners.lora")
+
+# `import peft` imports bitsandbytes too (peft/tuners/lora/bnb.py).
+BNB_IMPORTERS = ("bitsandbytes", "peft")
+
+RECORD: dict = {"modules": {}, "warnings": [], "logs": [], "done": False}
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, sink: list):
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record):
+        try:
+            self.sink.append(f"{record.name}: {record.levelname}: {record.getMessage()}"[:2000])
+        except Exception:  # a logging failure must not break the probe
+            pass
+
+
+def import_recorded(name: str, record: dict | None = None) -> bool:
+    rec = RECORD if record is None else record
+    t0 = time.perf_counter()
+    handler = _ListHandler(rec["logs"])
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            importlib.import_module(name)
+        for w in caught:
+            rec["warnings"].append(f"{name}: {w.category.__name__}: {w.message}"[:2000])
+        rec["modules"][name] = {"ok": True, "seconds": round(time.perf_counter() - t0, 3), "error": None}
+        return True
+    except BaseException as e:  # an import may raise anything, SystemExit included
+        tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        rec["modules"][name] = {"ok": False, "seconds": round(time.perf_counter() - t0, 3), "error": tb}
+        return False
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def preload(with_bitsandbytes: bool = True) -> dict:
+    """Import the stack (bitsandbytes only if asked) and the heavy submodules; never raises."""
+    t0 = time.perf_counter()
+    for name in STACK:
+        if name in BNB_IMPORTERS and not with_bitsandbytes:
+            continue
+        import_recorded(name)
+    for name in EXTRA:
+        top = name.split(".")[0]
+        if RECORD["modules"].get(top, {}).get("ok"):
+            import_recorded(name, {"modules": {}, "warnings": RECORD["warnings"], "logs": RECORD["logs"]})
+    RECORD["done"] = True
+    RECORD["seconds"] = round(time.perf_counter() - t0, 3)
+    return RECORD
+
+
+def cuda_initialized() -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_initialized())
+    except Exception:
+        return False
