@@ -1,0 +1,155 @@
+"""The one typed config of a run. A TOML file (`--config`) and command-line flags fill the same fields.
+
+`None` means "let the plan decide" (the plan records what it chose and why). Unknown keys and bad
+values raise `ConfigError` naming the key; the CLI turns that into a one-line error, exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message is one line."""
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None  # local HF dir or hub id; None = the embedded tiny Llama
+    data: str | None = None  # JSONL; None = the embedded instruction set
+    output: str | None = None  # None = runs/<model>-<time>
+    max_steps: int | None = None  # optimizer steps
+    seed: int = 0
+    lr: float | None = None
+    lora_r: int = 16
+    lora_alpha: int | None = None  # None = 2 * r
+    lora_dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    batch_size: int | None = None  # effective batch (sequences per optimizer step)
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    seq_len: int = 1024
+    packing: bool = False
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    eval_fraction: float = 0.1
+    eval_every: int | None = None
+    save_every: int | None = None
+    device: str | None = None  # "cpu", "cuda", "cuda:N"; None = cuda:0 when a GPU works, else cpu
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    quantization: str = "auto"  # auto | nf4 | int8 | none
+    optimizer: str = "auto"  # auto | paged_adamw_8bit | adamw_8bit | cpu_adamw | adamw
+    gradient_checkpointing: str = "auto"  # auto | on | off
+    attention: str = "auto"  # auto | sdpa | eager
+    log_every: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "dtype": ("auto", "bf16", "fp16", "fp32"),
+    "quantization": ("auto", "nf4", "int8", "none"),
+    "optimizer": ("auto", "paged_adamw_8bit", "adamw_8bit", "cpu_adamw", "adamw"),
+    "gradient_checkpointing": ("auto", "on", "off"),
+    "attention": ("auto", "sdpa", "eager"),
+}
+POSITIVE = ("max_steps", "lora_r", "lora_alpha", "batch_size", "micro_batch", "grad_accum", "seq_len",
+            "eval_every", "save_every", "log_every")
+NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm")
+
+
+def _type_ok(name: str, value, hint: str) -> bool:
+    if value is None:
+        return "None" in hint
+    if isinstance(value, bool):
+        return "bool" in hint
+    if isinstance(value, int):
+        return "int" in hint or "float" in hint
+    if isinstance(value, float):
+        return "float" in hint
+    if isinstance(value, str):
+        return "str" in hint
+    if isinstance(value, list):
+        return "list" in hint and all(isinstance(v, str) for v in value)
+    return False
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    hints = {f.name: str(f.type) for f in fields(TrainConfig)}
+    for name, hint in hints.items():
+        v = getattr(cfg, name)
+        if not _type_ok(name, v, hint):
+            raise ConfigError(f"config key {name!r}: {v!r} is not a valid {hint.replace(' | None', '')}")
+        if isinstance(v, int) and not isinstance(v, bool) and "float" in hint and "int" not in hint:
+            setattr(cfg, name, float(v))
+    for name in POSITIVE:
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"config key {name!r}: must be >= 1, got {v!r}")
+    for name in NON_NEGATIVE:
+        v = getattr(cfg, name)
+        if v is not None and v < 0:
+            raise ConfigError(f"config key {name!r}: must be >= 0, got {v!r}")
+    if cfg.lr is not None and not (0 < cfg.lr < 1):
+        raise ConfigError(f"config key 'lr': must be between 0 and 1, got {cfg.lr!r}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"config key 'lora_dropout': must be in [0, 1), got {cfg.lora_dropout!r}")
+    if not 0 <= cfg.eval_fraction < 0.5:
+        raise ConfigError(f"config key 'eval_fraction': must be in [0, 0.5), got {cfg.eval_fraction!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"config key {name!r}: {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    if cfg.device is not None and not (cfg.device == "cpu" or cfg.device == "cuda"
+                                       or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
+        raise ConfigError(f"config key 'device': {cfg.device!r} is not cpu, cuda or cuda:N")
+    if isinstance(cfg.target_modules, list) and not cfg.target_modules:
+        raise ConfigError("config key 'target_modules': must not be empty")
+    if cfg.micro_batch and cfg.grad_accum and cfg.batch_size and cfg.micro_batch * cfg.grad_accum != cfg.batch_size:
+        raise ConfigError("config key 'batch_size': must equal micro_batch * grad_accum when all three are set")
+    return cfg
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+    return data.get("train", data) if isinstance(data.get("train"), dict) else data
+
+
+def build(file_values: dict | None = None, flag_values: dict | None = None) -> TrainConfig:
+    """Defaults < TOML file < flags (flags given as None are 'not set')."""
+    known = {f.name for f in fields(TrainConfig)}
+    values = {}
+    for source, d in (("config file", file_values or {}), ("flags", flag_values or {})):
+        for k, v in d.items():
+            key = k.replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"unknown config key {k!r} in {source} (known: {', '.join(sorted(known))})")
+            if source == "flags" and v is None:
+                continue
+            values[key] = v
+    return validate(TrainConfig(**values))
+
+
+# fields that identify a run: a resume must agree on all of these
+IDENTITY = ("model", "data", "seed", "lr", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "seq_len",
+            "packing", "batch_size", "warmup_steps", "weight_decay", "max_grad_norm", "eval_fraction")
+
+
+def identity(cfg: TrainConfig) -> dict:
+    return {k: getattr(cfg, k) for k in IDENTITY}
+
+

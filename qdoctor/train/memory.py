@@ -1,0 +1,119 @@
+"""Peak-memory estimate of one QLoRA micro-step, from the model's shape alone (no weights loaded).
+
+    peak = base weights + LoRA (params, grads, optimizer states) + activations + logits
+
+- Quantized linear weights: NF4 + double quant 4.127 bits/param, NF4 alone 4.5 (QLoRA §3), int8 8.5
+  (int8 + per-row scales), none = compute dtype. Embeddings, lm_head and norms are not quantized, and
+  `prepare_model_for_kbit_training` upcasts them to fp32 (4 bytes).
+- LoRA params and grads are fp32 (peft keeps adapters in fp32); optimizer states per LoRA param: 8-bit
+  Adam 2 bytes, 32-bit Adam 8 bytes, CPU-offloaded Adam 0 on the device.
+- Activations per token: without checkpointing ACT_BYTES x (hidden + intermediate) per layer; with it, the
+  fp32 residual (4 x hidden) per layer plus one layer recomputed. Logits: vocab x 10 bytes per token
+  (compute-dtype logits, their fp32 copy in the loss, and its gradient).
+
+ACT_BYTES = 20 is fitted to the measured H200 peaks in shared/facts/h200-2026-11-28.md (NF4 + DQ, bf16, LoRA
+r=16 on all linear layers, PagedAdamW8bit). `CALIBRATION` holds those rows; tests check the estimate
+against them (within 15%).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+GIB = 1024**3
+BITS_PER_PARAM = {"nf4": 4.127, "nf4_nodq": 4.5, "int8": 8.5}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+OPTIM_STATE_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "cpu_adamw": 0, "adamw": 8}
+ACT_BYTES = 20
+LOGIT_BYTES = 10
+
+# (shape, micro_batch, seq_len, checkpointing, measured peak GiB) from shared/facts/h200-2026-11-28.md
+SHAPE_1B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
+SHAPE_7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
+CALIBRATION = [
+    (SHAPE_1B, 8, 1024, True, 6.1), (SHAPE_1B, 8, 1024, False, 26.5),
+    (SHAPE_1B, 2, 4096, True, 6.1), (SHAPE_1B, 2, 4096, False, 26.5),
+    (SHAPE_7B, 8, 1024, True, 13.1), (SHAPE_7B, 8, 1024, False, 87.4),
+    (SHAPE_7B, 2, 4096, True, 15.3), (SHAPE_7B, 2, 4096, False, 93.7),
+]
+CALIBRATION_SOURCE = "shared/facts/h200-2026-11-28.md (measured peak GiB, H200, NF4+DQ, bf16, r=16)"
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int | None = None
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def linear_params_per_layer(self) -> int:
+        q = self.hidden * self.heads * self.hd
+        kv = 2 * self.hidden * self.kv_heads * self.hd
+        o = self.heads * self.hd * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        return q + kv + o + mlp
+
+    def lora_params(self, r: int) -> int:
+        """LoRA on every linear layer of every block (q, k, v, o, gate, up, down)."""
+        h, i = self.hidden, self.intermediate
+        qo = 2 * r * (h + self.heads * self.hd)
+        kv = 2 * r * (h + self.kv_heads * self.hd)
+        mlp = 3 * r * (h + i)
+        return self.layers * (qo + kv + mlp)
+
+    def total_params(self) -> int:
+        return self.layers * (self.linear_params_per_layer() + 2 * self.hidden) + 2 * self.vocab * self.hidden
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights_gib: float
+    lora_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    logits_gib: float
+    total_gib: float
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 3) for k, v in asdict(self).items()}
+
+
+def estimate(shape: Shape, *, micro_batch: int, seq_len: int, checkpointing: bool, quantization: str = "nf4",
+             dtype: str = "bf16", optimizer: str = "paged_adamw_8bit", lora_r: int = 16) -> Estimate:
+    lin = shape.layers * shape.linear_params_per_layer()
+    if quantization in BITS_PER_PARAM:
+        w_lin = lin * BITS_PER_PARAM[quantization] / 8
+        other_bytes = 4  # prepare_model_for_kbit_training upcasts the rest to fp32
+    else:
+        w_lin = lin * DTYPE_BYTES[dtype]
+        other_bytes = DTYPE_BYTES[dtype]
+    w_other = (2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden) * other_bytes
+    n_lora = shape.lora_params(lora_r)
+    tokens = micro_batch * seq_len
+    per_layer = ACT_BYTES * (shape.hidden + shape.intermediate) * tokens
+    if checkpointing:
+        act = shape.layers * 4 * shape.hidden * tokens + per_layer
+    else:
+        act = shape.layers * per_layer
+    logits = LOGIT_BYTES * shape.vocab * tokens
+    parts = dict(weights_gib=(w_lin + w_other) / GIB, lora_gib=8 * n_lora / GIB,
+                 optimizer_gib=OPTIM_STATE_BYTES[optimizer] * n_lora / GIB,
+                 activations_gib=act / GIB, logits_gib=logits / GIB)
+    return Estimate(**parts, total_gib=sum(parts.values()))
+
+
+def shape_from_config(cfg) -> Shape:
+    """From a transformers config (or a dict of one)."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    heads = get("num_attention_heads")
+    return Shape(hidden=get("hidden_size"), intermediate=get("intermediate_size"),
+                 layers=get("num_hidden_layers"), heads=heads,
+                 kv_heads=get("num_key_value_heads") or heads, vocab=get("vocab_size"),
+                 head_dim=get("head_dim", None))

@@ -1,0 +1,203 @@
+"""Find the base model, check LoRA targets against it, and load it the way the plan says.
+
+The shape (for the memory estimate) and the linear-module names (for target validation) come from the
+config on the meta device, so `--dry-run` and bad-input errors never load weights. The embedded default is a
+tiny Llama built from qdoctor/assets/tiny-llama.json with a fixed seed, materialised once in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+EMBEDDED_NAME = "qdoctor/tiny-llama"
+EMBEDDED_SEED = 0
+
+
+class ModelError(ValueError):
+    """Bad --model or --target-modules; one line for the user."""
+
+
+def assets_dir() -> Path:
+    return Path(str(resources.files("qdoctor") / "assets"))
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return (not s.startswith((".", "/", "~")) and s.count("/") <= 1 and ":" not in s and "\\" not in s
+            and all(part and all(c.isalnum() or c in "-_." for c in part) for part in s.split("/")))
+
+
+@dataclass
+class ModelSource:
+    name: str  # what the user gave, or EMBEDDED_NAME
+    path: str | None  # a local directory (None: hub id)
+    embedded: bool
+
+
+def resolve(model: str | None) -> ModelSource:
+    if model is None:
+        return ModelSource(EMBEDDED_NAME, None, True)
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise ModelError(f"model path {model} is not a Hugging Face model directory (no config.json)")
+        return ModelSource(model, str(p), False)
+    if _looks_like_hub_id(model):
+        if _offline():
+            raise ModelError(f"model {model} is not a local directory and HF_HUB_OFFLINE=1 forbids downloading "
+                             f"it; pass a local directory or unset HF_HUB_OFFLINE")
+        return ModelSource(model, None, False)
+    raise ModelError(f"model path {model} does not exist")
+
+
+def embedded_config() -> dict:
+    return json.loads((assets_dir() / "tiny-llama.json").read_text())
+
+
+def load_config(src: ModelSource):
+    from transformers import AutoConfig, LlamaConfig
+
+    if src.embedded:
+        return LlamaConfig(**embedded_config())
+    try:
+        return AutoConfig.from_pretrained(src.path or src.name)
+    except Exception as e:  # network, auth, missing repo, malformed config
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the config of model {src.name}: {msg[:200]}") from None
+
+
+def meta_model(config):
+    """The model skeleton on the meta device: names and shapes, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError as e:
+            raise ModelError(f"not a causal language model: {str(e).splitlines()[0][:200]}") from None
+
+
+def linear_names(model) -> list[str]:
+    """Leaf names of the linear layers LoRA can target (the output head excluded, as peft's all-linear does)."""
+    import torch
+
+    out = set()
+    out_emb = model.get_output_embeddings()
+    for name, mod in model.named_modules():
+        if mod is out_emb:
+            continue
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+            out.add(name.rsplit(".", 1)[-1])
+    return sorted(out)
+
+
+def check_targets(targets, model, model_name: str) -> None:
+    if targets == "all-linear":
+        return
+    have = linear_names(model)
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    missing = [t for t in wanted if t not in have]
+    if missing:
+        raise ModelError(f"target module {', '.join(missing)} is not in model {model_name}; its linear modules: "
+                         f"{', '.join(have)}")
+
+
+def embedded_base_dir() -> str:
+    """Materialise the random-init tiny Llama once (safetensors, fp32) so it loads like any local model."""
+    from qdoctor import cache
+
+    cfg = embedded_config()
+    digest = hashlib.sha256(json.dumps([cfg, EMBEDDED_SEED], sort_keys=True).encode()).hexdigest()[:16]
+    final = Path(cache.cache_dir()) / "models" / f"tiny-llama-{digest}"
+    if (final / "config.json").is_file():
+        return str(final)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama.", dir=final.parent))
+    try:
+        torch.manual_seed(EMBEDDED_SEED)
+        LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(tmp)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(assets_dir() / f, tmp / f)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def load_tokenizer(src: ModelSource):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if src.embedded:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(assets_dir()))
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(src.path or src.name)
+        except Exception as e:
+            raise ModelError(f"cannot load the tokenizer of model {src.name}: {str(e).splitlines()[0][:200]}") \
+                from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def load_for_training(src: ModelSource, plan, seed: int):
+    """Base in the plan's quantization and dtype on the plan's device, LoRA on top. Returns the peft model."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*")
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    dtype = getattr(torch, TORCH_DTYPES[plan.v("dtype")])
+    quant = plan.v("quantization")
+    qcfg = None
+    if quant == "nf4":
+        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    elif quant == "int8":
+        qcfg = BitsAndBytesConfig(load_in_8bit=True)
+    path = embedded_base_dir() if src.embedded else (src.path or src.name)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=dtype,
+                                                 device_map={"": plan.v("device")},
+                                                 attn_implementation=plan.v("attention"))
+    model.config.use_cache = False
+    if qcfg is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if plan.v("gradient_checkpointing"):
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        model.enable_input_require_grads()
+    lora = plan.v("lora")
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                     target_modules=lora["targets"], task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg), path

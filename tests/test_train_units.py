@@ -1,0 +1,246 @@
+"""qdoctor train: pure parts (config, plan, memory estimate, data, OOM back-off, NaN diagnosis, CPU AdamW)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from qdoctor.train import config as C
+from qdoctor.train import data as D
+from qdoctor.train import memory
+from qdoctor.train.loop import StopRun, diagnose_nonfinite, smaller_micro, with_oom_backoff
+from qdoctor.train.plan import make_plan
+
+SHAPE_1B = memory.Shape(**memory.SHAPE_1B)
+SHAPE_7B = memory.Shape(**memory.SHAPE_7B)
+
+
+def gpu_facts(name="NVIDIA H200", cc="9.0", mib=143771, bf16=True, loads=True):
+    return {"platform": {"memory_total_mib": 128000},
+            "nvidia": {"gpus": [{"index": 0, "name": name, "compute_capability": cc, "memory_total_mib": mib}]},
+            "torch": {"cuda": "13.0", "cuda_available": True, "bf16_supported": bf16},
+            "bitsandbytes": {"installed": True, "loads": loads}}
+
+
+CPU_FACTS = {"platform": {"memory_total_mib": 24000}, "nvidia": {"gpus": []},
+             "torch": {"cuda": None, "cuda_available": False}, "bitsandbytes": {"installed": True, "loads": True}}
+PASS = [{"probe": n, "status": "pass"} for n in ("imports", "device", "nf4", "matmul4bit", "optim8bit", "precision")]
+
+
+def plan(facts, probes=PASS, shape=SHAPE_1B, **cfg):
+    return make_plan(C.build(None, cfg), facts, probes, shape=shape, model_name="m", embedded=False,
+                     n_train=1000, max_len=1024)
+
+
+# ---- config ----
+
+def test_unknown_key_in_toml_is_named(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nlr = 1e-4\nlearning_rate = 3\n")
+    with pytest.raises(C.ConfigError, match="learning_rate"):
+        C.build(C.load_toml(str(f)), {})
+
+
+@pytest.mark.parametrize("key,value", [("lora_r", 0), ("lr", 5.0), ("dtype", "bf8"), ("seq_len", "long"),
+                                       ("device", "tpu"), ("optimizer", "sgd")])
+def test_bad_values_are_named(key, value):
+    with pytest.raises(C.ConfigError, match=key):
+        C.build({key: value}, {})
+
+
+def test_flags_override_file_and_none_flags_do_not():
+    cfg = C.build({"lr": 1e-4, "seed": 3}, {"lr": 5e-4, "seed": None})
+    assert cfg.lr == 5e-4 and cfg.seed == 3
+
+
+# ---- plan ----
+
+def test_h200_plan_is_bf16_nf4_paged_adamw_8bit():
+    p = plan(gpu_facts())
+    assert (p.v("device"), p.v("dtype"), p.v("quantization"), p.v("optimizer")) == \
+        ("cuda:0", "bf16", "nf4", "paged_adamw_8bit")
+    assert p.v("micro_batch") * p.v("grad_accum") == p.v("batch_size")
+    assert all(getattr(p, k).reason for k in ("dtype", "quantization", "optimizer", "micro_batch"))
+
+
+def test_cpu_plan_is_fp32_and_non_paged():
+    p = plan(CPU_FACTS)
+    assert (p.v("device"), p.v("dtype"), p.v("optimizer")) == ("cpu", "fp32", "adamw_8bit")
+
+
+def test_v100_falls_back_to_fp16_with_loss_scaling():
+    p = plan(gpu_facts("Tesla V100-SXM2-32GB", "7.0", 32768, bf16=False))
+    assert p.v("dtype") == "fp16" and p.v("loss_scaling") is True
+
+
+def test_failed_8bit_optimizer_probe_moves_adam_to_cpu():
+    probes = [dict(d, status="fail") if d["probe"] == "optim8bit" else d for d in PASS]
+    p = plan(gpu_facts(), probes)
+    assert p.v("optimizer") == "cpu_adamw" and "optim8bit probe fail" in p.optimizer.reason
+
+
+def test_paged_failure_gives_plain_8bit():
+    probes = [dict(d, measured={"paged": False}) if d["probe"] == "optim8bit" else d for d in PASS]
+    assert plan(gpu_facts(), probes).v("optimizer") == "adamw_8bit"
+
+
+def test_failed_nf4_probe_falls_back_to_int8_and_no_bnb_to_none():
+    probes = [dict(d, status="fail") if d["probe"] == "nf4" else d for d in PASS]
+    assert plan(gpu_facts(), probes).v("quantization") == "int8"
+    p = plan(gpu_facts(loads=False), [])
+    assert p.v("quantization") == "none" and p.v("optimizer") == "cpu_adamw"
+
+
+def test_small_gpu_turns_checkpointing_on_and_big_one_off():
+    big = plan(gpu_facts(), shape=SHAPE_7B, batch_size=8)
+    small = plan(gpu_facts("RTX 4060", "8.9", 16384), shape=SHAPE_7B, batch_size=8)
+    assert big.v("gradient_checkpointing") is False
+    assert small.v("gradient_checkpointing") is True
+    assert small.memory["estimate"]["total_gib"] <= small.memory["budget_gib"]
+
+
+def test_hopeless_fit_warns_with_a_fix():
+    p = plan(gpu_facts("tiny", "8.0", 2048), shape=SHAPE_7B)
+    assert any(f.code == "QD801" and f.fix for f in p.findings)
+
+
+def test_plan_json_round_trips():
+    import json
+
+    d = json.loads(plan(gpu_facts()).to_json())
+    assert d["optimizer"]["value"] == "paged_adamw_8bit" and d["memory"]["estimate"]["total_gib"] > 0
+
+
+# ---- memory estimate against the measured H200 peaks ----
+
+@pytest.mark.parametrize("row", memory.CALIBRATION)
+def test_estimate_within_15_percent_of_measured(row):
+    shape, mb, seq, ck, measured = row
+    est = memory.estimate(memory.Shape(**shape), micro_batch=mb, seq_len=seq, checkpointing=ck)
+    assert abs(est.total_gib / measured - 1) < 0.15
+
+
+def test_estimate_orders_quantization_and_optimizers():
+    kw = dict(micro_batch=1, seq_len=512, checkpointing=True)
+    assert memory.estimate(SHAPE_7B, quantization="nf4", **kw).weights_gib < \
+        memory.estimate(SHAPE_7B, quantization="int8", **kw).weights_gib < \
+        memory.estimate(SHAPE_7B, quantization="none", **kw).weights_gib
+    assert memory.estimate(SHAPE_7B, optimizer="cpu_adamw", **kw).optimizer_gib == 0
+
+
+# ---- data ----
+
+def test_malformed_line_reports_its_number(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a"}\n\n{"text": oops}\n')
+    with pytest.raises(D.DataError, match="line 3"):
+        D.read_jsonl(str(f))
+
+
+def test_empty_and_keyless_datasets(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(D.DataError, match="empty"):
+        D.read_jsonl(str(tmp_path / "e.jsonl"))
+    (tmp_path / "k.jsonl").write_text('{"input": "x"}\n')
+    with pytest.raises(D.DataError, match="line 1"):
+        D.read_jsonl(str(tmp_path / "k.jsonl"))
+
+
+def test_prompt_tokens_are_masked_and_text_is_not():
+    from qdoctor.train.model import ModelSource, load_tokenizer
+
+    tok = load_tokenizer(ModelSource("e", None, True))
+    ids, labels = D.encode({"prompt": "What is 2 plus 2?", "completion": "4"}, tok)
+    n_masked = sum(x == D.IGNORE for x in labels)
+    assert 0 < n_masked < len(ids) and labels[n_masked:] == ids[n_masked:]
+    ids, labels = D.encode({"text": "hello"}, tok)
+    assert labels == ids
+    ids, labels = D.encode({"messages": [{"role": "user", "content": "hi"},
+                                         {"role": "assistant", "content": "yo"}]}, tok)
+    assert 0 < sum(x == D.IGNORE for x in labels) < len(ids)
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    a = [D.step_indices(10, 4, s, seed=1) for s in range(5)]
+    assert a == [D.step_indices(10, 4, s, seed=1) for s in range(5)]
+    assert sorted(sum(a[:2], []) + a[2][:2]) == list(range(10))  # first epoch covers every example once
+    assert a != [D.step_indices(10, 4, s, seed=2) for s in range(5)]
+
+
+def test_packing_fills_rows():
+    ex = [([1, 2, 3], [D.IGNORE, 2, 3])] * 5
+    rows = D.pack(ex, 4)
+    assert all(len(r[0]) == 4 for r in rows[:-1]) and sum(len(r[0]) for r in rows) == 15
+
+
+# ---- out-of-memory back-off, NaN diagnosis ----
+
+class FakeOOM(RuntimeError):
+    pass
+
+
+def test_oom_halves_micro_batch_and_doubles_accumulation():
+    calls, notes = [], []
+
+    def step(micro, accum):
+        calls.append((micro, accum))
+        if micro > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "ok"
+
+    res, micro = with_oom_backoff(step, 16, 8, notes.append)
+    assert res == "ok" and micro == 2 and calls == [(8, 2), (4, 4), (2, 8)]
+    assert all(m * a == 16 for m, a in calls) and "same effective batch 16" in notes[0]
+
+
+def test_oom_at_micro_batch_one_stops_with_a_fix():
+    def step(micro, accum):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(StopRun) as e:
+        with_oom_backoff(step, 4, 4, lambda m: None)
+    assert e.value.finding.code == "QD803" and e.value.finding.fix
+
+
+def test_non_oom_errors_pass_through():
+    def step(micro, accum):
+        raise ValueError("shape mismatch")
+
+    with pytest.raises(ValueError):
+        with_oom_backoff(step, 4, 4, lambda m: None)
+
+
+def test_smaller_micro_keeps_batch_divisible():
+    assert smaller_micro(12, 6) == 3 and smaller_micro(12, 3) == 1 and smaller_micro(16, 16) == 8
+
+
+def test_nan_diagnosis_names_bf16_for_fp16_and_a_lower_lr():
+    f = diagnose_nonfinite(7, math.nan, "fp16", 2e-4, 1.5)
+    assert f.severity == "error" and "bf16" in f.fix and "2e-05" in f.fix and "NaN" in f.title
+    assert "bf16" not in diagnose_nonfinite(7, math.inf, "bf16", 2e-4, None).fix.split(";")[0]
+
+
+# ---- the CPU-offloaded AdamW ----
+
+def test_cpu_offload_adamw_matches_torch_adamw():
+    import torch
+
+    from qdoctor.train.optim import CPUOffloadAdamW
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa = torch.optim.AdamW([a], lr=1e-2, weight_decay=0.01)
+    ob = CPUOffloadAdamW([b], lr=1e-2, weight_decay=0.01)
+    for _ in range(5):
+        for p, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            (p ** 2).sum().backward()
+            o.step()
+    assert torch.allclose(a, b, atol=1e-6)
+    sd = ob.state_dict()
+    assert sd["inner"]["state"][0]["exp_avg"].device.type == "cpu"
+    ob2 = CPUOffloadAdamW([torch.nn.Parameter(torch.zeros(5, 3))], lr=1e-2)
+    ob2.load_state_dict(sd)
+    assert torch.allclose(ob2._params[0], b)
