@@ -19,7 +19,7 @@ import time
 VERSION = 1  # bump to orphan every old entry when a cached format changes
 
 FINGERPRINT_ENV = ("CUDA_VISIBLE_DEVICES", "BNB_CUDA_VERSION", "BNB_ROCM_VERSION", "LD_LIBRARY_PATH")
-FINGERPRINT_PACKAGES = ("torch", "bitsandbytes", "transformers", "peft", "accelerate", "triton")  # always keyed
+FINGERPRINT_PACKAGES = ("torch", "bitsandbytes", "transformers", "peft", "accelerate", "triton")  # always
 
 
 def cache_dir(environ=None) -> str:
