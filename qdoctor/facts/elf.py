@@ -33,7 +33,11 @@ class ElfError(ValueError):
 
 
 def _read(fd: int, offset: int, size: int) -> bytes:
-    data = os.pread(fd, size, offset)
+    if hasattr(os, "pread"):
+        data = os.pread(fd, size, offset)
+    else:  # Windows
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, size)
     if len(data) != size:
         raise ElfError(f"truncated file (wanted {size} bytes at {offset})")
     return data
@@ -41,7 +45,7 @@ def _read(fd: int, offset: int, size: int) -> bytes:
 
 def read_elf(path: str) -> dict:
     """Section table + dynamic section of an ELF file: {'sections': {name: (offset, size)}, 'needed', ...}."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
         return _read_elf(fd)
     finally:
@@ -147,7 +151,7 @@ def inspect(path: str) -> dict:
     `archs`/`ptx` list every SM with at least one entry; `sass_counts` keeps the per-SM container
     counts so a caller can tell a build target from a handful of special kernels.
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
         info = _read_elf(fd)
         fat = info["sections"].get(".nv_fatbin")
