@@ -132,6 +132,7 @@ SNAPSHOTS = {
         },
     ),
     "cpu-only-machine": (set(), set(), {"QD201": ["no NVIDIA GPU", "CPU"]}),
+    "cpu-ci-machine": (set(), set(), {"QD201": ["no NVIDIA GPU", "CPU"]}),  # collected by qdoctor.facts
 }
 
 
