@@ -58,12 +58,13 @@ def cli():
               help="Judge a saved snapshot (a --json output or a facts object) instead of this machine.")
 @click.option("--deep", is_flag=True,
               help="Also import torch and bitsandbytes in a child process (slower; result cached).")
+@click.option("--refresh", is_flag=True, help="With --deep: ignore the cached result and run the child again.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
               help="Seconds allowed to the child process of --deep.")
 @click.option("--save-facts", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the facts snapshot to this file.")
 @format_options
-def check(facts_file, deep, timeout, save_facts, as_json, fmt, verbose, strict, select, ignore):
+def check(facts_file, deep, refresh, timeout, save_facts, as_json, fmt, verbose, strict, select, ignore):
     """Observe this machine, judge it against the matrix, print findings with fixes."""
     from qdoctor import matrix
     from qdoctor.facts.schema import FactsError, load_file
@@ -82,7 +83,7 @@ def check(facts_file, deep, timeout, save_facts, as_json, fmt, verbose, strict, 
     else:
         from qdoctor.facts import collect
 
-        facts = collect(deep=deep, timeout=timeout)
+        facts = collect(deep=deep or refresh, timeout=timeout, refresh=refresh)
     findings = judge(facts, matrix.load())
     findings = select_findings(findings, codes_option(select), codes_option(ignore))
     emit_report("check", findings, facts, fmt, verbose)
