@@ -19,13 +19,48 @@ SEED = 1234
 N_EXAMPLES = 600
 VOCAB_SIZE = 512
 
-WORDS = ("apple river stone cloud tiger lemon piano garden silver rocket candle forest window yellow "
-         "bridge planet marble orange castle dragon butter spider winter summer mirror pencil").split()
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "piano",
+    "garden",
+    "silver",
+    "rocket",
+    "candle",
+    "forest",
+    "window",
+    "yellow",
+    "bridge",
+    "planet",
+    "marble",
+    "orange",
+    "castle",
+    "dragon",
+    "butter",
+    "spider",
+    "winter",
+    "summer",
+    "mirror",
+    "pencil",
+]
 # Invented places, so no real-world knowledge is implied; the mapping is fixed and learnable.
 CAPITALS = {
-    "Veloria": "Quenby", "Ostrand": "Malvik", "Pellucia": "Tarrow", "Zembra": "Ulmet", "Caradoc": "Feyne",
-    "Morvath": "Glent", "Isquen": "Dorra", "Thalmor": "Brisk", "Ankeru": "Solvey", "Rusk": "Emberly",
-    "Lorendi": "Hask", "Vayne": "Corrow",
+    "Veloria": "Quenby",
+    "Ostrand": "Malvik",
+    "Pellucia": "Tarrow",
+    "Zembra": "Ulmet",
+    "Caradoc": "Feyne",
+    "Morvath": "Glent",
+    "Isquen": "Dorra",
+    "Thalmor": "Brisk",
+    "Ankeru": "Solvey",
+    "Rusk": "Emberly",
+    "Lorendi": "Hask",
+    "Vayne": "Corrow",
 }
 SPECIAL = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -48,7 +83,10 @@ def example(rng: random.Random) -> dict:
         return {"prompt": f"Reverse the word {w}.", "completion": w[::-1]}
     if kind == "capital":
         c = rng.choice(sorted(CAPITALS))
-        return {"prompt": f"What is the capital of {c}?", "completion": f"The capital of {c} is {CAPITALS[c]}."}
+        return {
+            "prompt": f"What is the capital of {c}?",
+            "completion": f"The capital of {c} is {CAPITALS[c]}.",
+        }
     if kind == "copy":
         ws = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4)))
         return {"prompt": f"Repeat after me: {ws}", "completion": ws}
@@ -67,8 +105,12 @@ def build_tokenizer(rows: list[dict]):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     texts = [r["prompt"] + "\n" + r["completion"] for r in rows] + [CHAT_TEMPLATE]
     tok.train_from_iterator(texts, trainer)
     return tok
@@ -84,23 +126,38 @@ def main() -> None:
     tok.save(str(ASSETS / "tokenizer.json"))
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
         "model_max_length": 256,
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
     }
     (ASSETS / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (ASSETS / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, indent=2) + "\n")
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, indent=2) + "\n"
+    )
     vocab = tok.get_vocab_size()
     model_cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": vocab, "hidden_size": 128, "intermediate_size": 352,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "hidden_act": "silu", "tie_word_embeddings": False, "initializer_range": 0.02,
-        "bos_token_id": tok.token_to_id("<s>"), "eos_token_id": tok.token_to_id("</s>"),
-        "pad_token_id": tok.token_to_id("<pad>"), "dtype": "float32",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "bos_token_id": tok.token_to_id("<s>"),
+        "eos_token_id": tok.token_to_id("</s>"),
+        "pad_token_id": tok.token_to_id("<pad>"),
+        "dtype": "float32",
     }
     (ASSETS / "tiny-llama.json").write_text(json.dumps(model_cfg, indent=2) + "\n")
     print(f"wrote {len(rows)} examples, vocab {vocab}, to {ASSETS}")

@@ -21,8 +21,12 @@ def rng_state() -> dict:
     import numpy as np
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(s: dict) -> None:
@@ -43,8 +47,16 @@ def save(output: Path, model, optimizer, scheduler, scaler, state: dict) -> Path
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=output))
     try:
         model.save_pretrained(tmp / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng_state(), "state": state}, tmp / "state.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng_state(),
+                "state": state,
+            },
+            tmp / "state.pt",
+        )
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         replace_dir(tmp, output / "checkpoint")
     except BaseException:

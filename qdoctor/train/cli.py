@@ -15,13 +15,20 @@ from pathlib import Path
 
 import click
 
-from qdoctor.cli import EXIT_FINDINGS, EXIT_USAGE, out
+from qdoctor.redact import redact
+
+EXIT_FINDINGS, EXIT_USAGE = 1, 2  # the same contract as qdoctor.cli (imported lazily there: no cycle)
 
 EMBEDDED_DATA = "qdoctor/instructions.jsonl"
 
 
 class BadInput(Exception):
     pass
+
+
+def out(text: str, err: bool = False) -> None:
+    """Every byte printed goes through redaction (as qdoctor.cli.out)."""
+    click.echo(redact(text), nl=False, err=err)
 
 
 def _fail(msg: str, code: int = EXIT_USAGE):
@@ -34,8 +41,16 @@ def _opt(*names, **kw):
 
 
 @click.command("train")
-@_opt("--config", "config_file", type=str, help="TOML file with the same keys as the flags (a [train] table or top level).")
-@_opt("--model", help="Local Hugging Face model directory, or a hub id when online. Default: the embedded tiny Llama.")
+@_opt(
+    "--config",
+    "config_file",
+    type=str,
+    help="TOML file with the same keys as the flags (a [train] table or top level).",
+)
+@_opt(
+    "--model",
+    help="Local Hugging Face model directory, or a hub id when online. Default: the embedded tiny Llama.",
+)
 @_opt("--data", help="JSONL with text, prompt/completion or messages. Default: the embedded instruction set.")
 @_opt("--output", help="Run directory (default: runs/<model>-<time>).")
 @_opt("--max-steps", type=int, help="Optimizer steps.")
@@ -82,11 +97,22 @@ def train(config_file, resume, dry_run, as_json, force, skip_probes, target_modu
         out("note: pre-flight probe results reused from the cache (environment unchanged)\n", err=True)
     if pf.errors and not force:
         for f in pf.errors:
-            out(f"qdoctor: error: {f.code} {f.title}" + (f" -> fix: {f.fix}" if f.fix else "") + "\n", err=True)
+            out(
+                f"qdoctor: error: {f.code} {f.title}" + (f" -> fix: {f.fix}" if f.fix else "") + "\n",
+                err=True,
+            )
         out("qdoctor: refusing to train on this machine (pass --force to try anyway)\n", err=True)
         sys.exit(EXIT_FINDINGS)
-    plan = P.make_plan(cfg, pf.facts, pf.probes, shape=setup["shape"], model_name=setup["src"].name,
-                       embedded=setup["src"].embedded, n_train=len(setup["ds"].train), max_len=setup["ds"].max_len)
+    plan = P.make_plan(
+        cfg,
+        pf.facts,
+        pf.probes,
+        shape=setup["shape"],
+        model_name=setup["src"].name,
+        embedded=setup["src"].embedded,
+        n_train=len(setup["ds"].train),
+        max_len=setup["ds"].max_len,
+    )
     if dry_run:
         out(plan.to_json() + "\n" if as_json else plan.render())
         sys.exit(0)
@@ -115,14 +141,31 @@ def _setup(cfg, resume: bool) -> dict:
     M.check_targets(cfg.target_modules, skel, src.name)
     data_path = cfg.data or str(M.assets_dir() / "instructions.jsonl")
     rows = D.read_jsonl(data_path)
-    ds = D.build(rows, tok, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
-                 packing=cfg.packing, source=cfg.data or EMBEDDED_DATA)
-    output = Path(cfg.output) if cfg.output else Path("runs") / (
-        Path(src.name).name + time.strftime("-%Y%m%d-%H%M%S"))
+    ds = D.build(
+        rows,
+        tok,
+        seq_len=cfg.seq_len,
+        eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed,
+        packing=cfg.packing,
+        source=cfg.data or EMBEDDED_DATA,
+    )
+    output = (
+        Path(cfg.output)
+        if cfg.output
+        else Path("runs") / (Path(src.name).name + time.strftime("-%Y%m%d-%H%M%S"))
+    )
     _check_output(output, resume)
     data_hash = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()[:16]
-    return {"src": src, "tok": tok, "ds": ds, "shape": memory.shape_from_config(mcfg), "output": output,
-            "data_name": cfg.data or EMBEDDED_DATA, "data_hash": data_hash}
+    return {
+        "src": src,
+        "tok": tok,
+        "ds": ds,
+        "shape": memory.shape_from_config(mcfg),
+        "output": output,
+        "data_name": cfg.data or EMBEDDED_DATA,
+        "data_hash": data_hash,
+    }
 
 
 def _check_output(output: Path, resume: bool) -> None:
@@ -131,19 +174,34 @@ def _check_output(output: Path, resume: bool) -> None:
     if not output.exists() or not any(output.iterdir()):
         return
     if not (output / "run.json").is_file():
-        raise BadInput(f"output directory {output} is not empty and holds no qdoctor run; choose a fresh --output")
+        raise BadInput(
+            f"output directory {output} is not empty and holds no qdoctor run; choose a fresh --output"
+        )
     if not resume:
-        raise BadInput(f"output directory {output} already holds a run; add --resume to continue it or choose a "
-                       "fresh --output")
+        raise BadInput(
+            f"output directory {output} already holds a run; add --resume to continue it or choose a "
+            "fresh --output"
+        )
 
 
 def _identity(cfg, plan, setup) -> dict:
-    return {"model": setup["src"].name, "data": setup["data_name"], "data_sha256": setup["data_hash"],
-            "seed": cfg.seed, "lr": plan.v("lr"), "lora": plan.v("lora"), "batch_size": plan.v("batch_size"),
-            "seq_len": cfg.seq_len, "packing": cfg.packing, "warmup_steps": plan.v("warmup_steps"),
-            "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
-            "eval_fraction": cfg.eval_fraction, "quantization": plan.v("quantization"),
-            "optimizer": plan.v("optimizer")}
+    return {
+        "model": setup["src"].name,
+        "data": setup["data_name"],
+        "data_sha256": setup["data_hash"],
+        "seed": cfg.seed,
+        "lr": plan.v("lr"),
+        "lora": plan.v("lora"),
+        "batch_size": plan.v("batch_size"),
+        "seq_len": cfg.seq_len,
+        "packing": cfg.packing,
+        "warmup_steps": plan.v("warmup_steps"),
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "eval_fraction": cfg.eval_fraction,
+        "quantization": plan.v("quantization"),
+        "optimizer": plan.v("optimizer"),
+    }
 
 
 def _check_identity(output: Path, ident: dict, resume: bool) -> None:
@@ -156,8 +214,10 @@ def _check_identity(output: Path, ident: dict, resume: bool) -> None:
         raise BadInput(f"{f} is unreadable; choose a fresh --output") from None
     diff = [k for k in sorted(set(old) | set(ident)) if json.dumps(old.get(k)) != json.dumps(ident.get(k))]
     if diff:
-        raise BadInput(f"output directory {output} holds a different run (differs in {', '.join(diff)}); resume "
-                       "it with the same settings or choose a fresh --output")
+        raise BadInput(
+            f"output directory {output} holds a different run (differs in {', '.join(diff)}); resume "
+            "it with the same settings or choose a fresh --output"
+        )
 
 
 def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start) -> int:
@@ -178,14 +238,32 @@ def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start) -> int:
     dev = plan.v("device")
     scaler = torch.amp.GradScaler(dev.split(":")[0], enabled=plan.v("loss_scaling"))
     tok = setup["tok"]
-    run = loop.Run(model, opt, sched, scaler, setup["ds"].train, setup["ds"].eval, plan, output, cfg.seed,
-                   tok.pad_token_id, dev, getattr(torch, M.TORCH_DTYPES[plan.v("dtype")]),
-                   log=lambda m: out(f"note: {m}\n", err=True), micro=plan.v("micro_batch"))
+    run = loop.Run(
+        model,
+        opt,
+        sched,
+        scaler,
+        setup["ds"].train,
+        setup["ds"].eval,
+        plan,
+        output,
+        cfg.seed,
+        tok.pad_token_id,
+        dev,
+        getattr(torch, M.TORCH_DTYPES[plan.v("dtype")]),
+        log=lambda m: out(f"note: {m}\n", err=True),
+        micro=plan.v("micro_batch"),
+    )
     run.stop_after = _test_stop_after()
     first_eval = None
     if resume and checkpoint.exists(output):
         st = checkpoint.load(output, model, opt, sched, scaler)
-        run.step, run.micro, run.tokens, run.elapsed = st["step"], st["micro_batch"], st["tokens"], st["elapsed_s"]
+        run.step, run.micro, run.tokens, run.elapsed = (
+            st["step"],
+            st["micro_batch"],
+            st["tokens"],
+            st["elapsed_s"],
+        )
         run.history = loop.truncate_metrics(output, run.step)
         first_eval = _first_eval(output)
         out(f"note: resuming from step {run.step} (checkpoint in {output / 'checkpoint'})\n", err=True)
@@ -200,8 +278,11 @@ def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start) -> int:
         loop.fit(run, loop.progress_bar())
     except loop.Interrupted as e:
         status, code = "interrupted", 130
-        out(f"\nqdoctor: interrupted at step {e.step}: checkpoint saved in {output / 'checkpoint'}; continue "
-            f"with: qdoctor train --output {output} --resume\n", err=True)
+        out(
+            f"\nqdoctor: interrupted at step {e.step}: checkpoint saved in {output / 'checkpoint'}; continue "
+            f"with: qdoctor train --output {output} --resume\n",
+            err=True,
+        )
     except loop.StopRun as e:
         status, code = "stopped", EXIT_FINDINGS
         f = e.finding
@@ -209,9 +290,17 @@ def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start) -> int:
     adapter = None
     if status == "completed":
         adapter = _save_adapter(model, output, base_path)
-    summ = summary.build(plan=plan, fingerprint=pf.fingerprint, history=run.history, run=run,
-                         wall_s=time.perf_counter() - t_start, status=status, output=output, adapter_dir=adapter,
-                         first_eval=first_eval)
+    summ = summary.build(
+        plan=plan,
+        fingerprint=pf.fingerprint,
+        history=run.history,
+        run=run,
+        wall_s=time.perf_counter() - t_start,
+        status=status,
+        output=output,
+        adapter_dir=adapter,
+        first_eval=first_eval,
+    )
     summary.write(output, summ)
     summary.plot(output, run.history)
     if as_json:
@@ -229,7 +318,7 @@ def _first_eval(output: Path):
 
 
 def _save_adapter(model, output: Path, base_path: str) -> Path:
-    """The final adapter, loadable with PeftModel.from_pretrained; base_model_name_or_path points at the base."""
+    """The final adapter, loadable with PeftModel.from_pretrained (base_model_name_or_path = the base)."""
     import tempfile
 
     from qdoctor.atomic import replace_dir
@@ -245,10 +334,12 @@ def _human(s: dict) -> str:
     def f(x):
         return "n/a" if x is None else f"{x:.4f}"
 
-    return (f"{s['status']}: {s['steps']} steps, loss {f(s['first_loss'])} -> {f(s['final_loss'])}, held-out "
-            f"{f(s['first_eval_loss'])} -> {f(s['final_eval_loss'])}, {s['tokens_per_s'] or 0:,.0f} tok/s, "
-            f"{s['wall_time_s']:.1f} s wall\nadapter: {s['adapter']}\nsummary: {s['output']}/summary.json, "
-            f"curve: {s['output']}/loss.png\n")
+    return (
+        f"{s['status']}: {s['steps']} steps, loss {f(s['first_loss'])} -> {f(s['final_loss'])}, held-out "
+        f"{f(s['first_eval_loss'])} -> {f(s['final_eval_loss'])}, {s['tokens_per_s'] or 0:,.0f} tok/s, "
+        f"{s['wall_time_s']:.1f} s wall\nadapter: {s['adapter']}\nsummary: {s['output']}/summary.json, "
+        f"curve: {s['output']}/loss.png\n"
+    )
 
 
 def _test_stop_after():

@@ -62,8 +62,18 @@ CHOICES = {
     "gradient_checkpointing": ("auto", "on", "off"),
     "attention": ("auto", "sdpa", "eager"),
 }
-POSITIVE = ("max_steps", "lora_r", "lora_alpha", "batch_size", "micro_batch", "grad_accum", "seq_len",
-            "eval_every", "save_every", "log_every")
+POSITIVE = (
+    "max_steps",
+    "lora_r",
+    "lora_alpha",
+    "batch_size",
+    "micro_batch",
+    "grad_accum",
+    "seq_len",
+    "eval_every",
+    "save_every",
+    "log_every",
+)
 NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm")
 
 
@@ -107,14 +117,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"config key 'eval_fraction': must be in [0, 0.5), got {cfg.eval_fraction!r}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"config key {name!r}: {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    if cfg.device is not None and not (cfg.device == "cpu" or cfg.device == "cuda"
-                                       or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
+            raise ConfigError(
+                f"config key {name!r}: {getattr(cfg, name)!r} is not one of {', '.join(allowed)}"
+            )
+    if cfg.device is not None and not (
+        cfg.device == "cpu"
+        or cfg.device == "cuda"
+        or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())
+    ):
         raise ConfigError(f"config key 'device': {cfg.device!r} is not cpu, cuda or cuda:N")
     if isinstance(cfg.target_modules, list) and not cfg.target_modules:
         raise ConfigError("config key 'target_modules': must not be empty")
-    if cfg.micro_batch and cfg.grad_accum and cfg.batch_size and cfg.micro_batch * cfg.grad_accum != cfg.batch_size:
-        raise ConfigError("config key 'batch_size': must equal micro_batch * grad_accum when all three are set")
+    if (
+        cfg.micro_batch
+        and cfg.grad_accum
+        and cfg.batch_size
+        and cfg.micro_batch * cfg.grad_accum != cfg.batch_size
+    ):
+        raise ConfigError(
+            "config key 'batch_size': must equal micro_batch * grad_accum when all three are set"
+        )
     return cfg
 
 
@@ -145,11 +167,24 @@ def build(file_values: dict | None = None, flag_values: dict | None = None) -> T
 
 
 # fields that identify a run: a resume must agree on all of these
-IDENTITY = ("model", "data", "seed", "lr", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "seq_len",
-            "packing", "batch_size", "warmup_steps", "weight_decay", "max_grad_norm", "eval_fraction")
+IDENTITY = (
+    "model",
+    "data",
+    "seed",
+    "lr",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "seq_len",
+    "packing",
+    "batch_size",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "eval_fraction",
+)
 
 
 def identity(cfg: TrainConfig) -> dict:
     return {k: getattr(cfg, k) for k in IDENTITY}
-
-

@@ -42,12 +42,16 @@ def read_jsonl(path: str) -> list[dict]:
             raise DataError(f"dataset {path} line {n}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise DataError(f"dataset {path} line {n}: expected a JSON object")
-        ok = (isinstance(obj.get("text"), str)
-              or (isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str))
-              or _valid_messages(obj.get("messages")))
+        ok = (
+            isinstance(obj.get("text"), str)
+            or (isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str))
+            or _valid_messages(obj.get("messages"))
+        )
         if not ok:
-            raise DataError(f"dataset {path} line {n}: needs \"text\", \"prompt\"+\"completion\" or \"messages\" "
-                            f"(got keys: {', '.join(sorted(obj)) or 'none'})")
+            raise DataError(
+                f'dataset {path} line {n}: needs "text", "prompt"+"completion" or "messages" '
+                f"(got keys: {', '.join(sorted(obj)) or 'none'})"
+            )
         obj["_line"] = n
         rows.append(obj)
     if not rows:
@@ -56,9 +60,14 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def _valid_messages(m) -> bool:
-    return (isinstance(m, list) and len(m) >= 1
-            and all(isinstance(x, dict) and isinstance(x.get("role"), str) and isinstance(x.get("content"), str)
-                    for x in m))
+    return (
+        isinstance(m, list)
+        and len(m) >= 1
+        and all(
+            isinstance(x, dict) and isinstance(x.get("role"), str) and isinstance(x.get("content"), str)
+            for x in m
+        )
+    )
 
 
 def encode(row: dict, tok) -> tuple[list[int], list[int]]:
@@ -73,19 +82,27 @@ def encode(row: dict, tok) -> tuple[list[int], list[int]]:
         if has_template:
             full = tok.apply_chat_template(msgs, tokenize=False)
             last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-            prompt = tok.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True) \
-                if last else ""
+            prompt = (
+                tok.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+                if last
+                else ""
+            )
         else:
             full = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + eos
             last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:last]) + "assistant: " if last else ""
+            prompt = (
+                "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:last]) + "assistant: " if last else ""
+            )
         return _split(tok, prompt, full)
     prompt, completion = row["prompt"], row["completion"]
     if has_template:
-        p = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                    add_generation_prompt=True)
-        full = tok.apply_chat_template([{"role": "user", "content": prompt},
-                                        {"role": "assistant", "content": completion}], tokenize=False)
+        p = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        full = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+            tokenize=False,
+        )
         return _split(tok, p, full)
     return _split(tok, prompt, prompt + completion + eos)
 
@@ -104,8 +121,16 @@ class Dataset:
     n_dropped: int = 0
 
 
-def build(rows: list[dict], tok, *, seq_len: int, eval_fraction: float, seed: int, packing: bool,
-          source: str = "dataset") -> Dataset:
+def build(
+    rows: list[dict],
+    tok,
+    *,
+    seq_len: int,
+    eval_fraction: float,
+    seed: int,
+    packing: bool,
+    source: str = "dataset",
+) -> Dataset:
     examples, dropped = [], 0
     for r in rows:
         ids, labels = encode(r, tok)
@@ -127,7 +152,7 @@ def build(rows: list[dict], tok, *, seq_len: int, eval_fraction: float, seed: in
 
 
 def pack(examples, seq_len: int):
-    """Concatenate examples into full seq_len rows (attention crosses example boundaries, as in most trainers)."""
+    """Concatenate examples into full seq_len rows (attention crosses example boundaries)."""
     ids, labels, out = [], [], []
     for a, b in examples:
         ids += a
@@ -149,7 +174,7 @@ def step_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
         perm = list(range(n))
         random.Random(seed * 1_000_003 + epoch).shuffle(perm)
         take = min(batch - len(out), n - off)
-        out += perm[off:off + take]
+        out += perm[off : off + take]
         pos += take
     return out
 
@@ -163,7 +188,7 @@ def collate(examples, pad_id: int):
     labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), n), dtype=torch.long)
     for i, (a, b) in enumerate(examples):
-        ids[i, :len(a)] = torch.tensor(a)
-        labels[i, :len(b)] = torch.tensor(b)
-        mask[i, :len(a)] = 1
+        ids[i, : len(a)] = torch.tensor(a)
+        labels[i, : len(b)] = torch.tensor(b)
+        mask[i, : len(a)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

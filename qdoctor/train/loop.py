@@ -37,11 +37,13 @@ class Interrupted(Exception):
 def is_oom(e: BaseException) -> bool:
     import torch
 
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e)
+    )
 
 
 def smaller_micro(batch: int, micro: int) -> int:
-    """Half the micro-batch (or the next divisor of the batch below it), so the effective batch is unchanged."""
+    """Half the micro-batch (or the next divisor of the batch), so the effective batch is unchanged."""
     for d in range(micro // 2, 0, -1):
         if batch % d == 0:
             return d
@@ -62,27 +64,43 @@ def with_oom_backoff(step_fn, batch: int, micro: int, notify, oom=is_oom, after_
             if after_oom:
                 after_oom()
             if micro == 1:
-                raise StopRun(Finding(
-                    "QD803", "error", "out of memory even at micro-batch 1", [str(e).splitlines()[0][:200]],
-                    "turn on gradient checkpointing (--config with gradient_checkpointing = \"on\"), lower "
-                    "--seq-len, or use --optimizer cpu_adamw", "plan")) from None
+                raise StopRun(
+                    Finding(
+                        "QD803",
+                        "error",
+                        "out of memory even at micro-batch 1",
+                        [str(e).splitlines()[0][:200]],
+                        'turn on gradient checkpointing (--config with gradient_checkpointing = "on"), lower '
+                        "--seq-len, or use --optimizer cpu_adamw",
+                        "plan",
+                    )
+                ) from None
             new = smaller_micro(batch, micro)
-            notify(f"out of memory at micro-batch {micro}: retrying with micro-batch {new} x accumulation "
-                   f"{batch // new} (same effective batch {batch})")
+            notify(
+                f"out of memory at micro-batch {micro}: retrying with micro-batch {new} x accumulation "
+                f"{batch // new} (same effective batch {batch})"
+            )
             micro = new
 
 
 def diagnose_nonfinite(step: int, loss: float, dtype: str, lr: float, last_finite: float | None) -> Finding:
     fixes = [f"lower the learning rate (--lr {lr / 10:g})"]
     if dtype == "fp16":
-        fixes.insert(0, "use bf16 instead of fp16 where the GPU supports it, else fp32 (fp16 overflows; "
-                        "trl #618)")
+        fixes.insert(
+            0, "use bf16 instead of fp16 where the GPU supports it, else fp32 (fp16 overflows; trl #618)"
+        )
     fixes.append("check the data for degenerate examples")
     ev = [f"loss {loss} at step {step}", f"compute dtype {dtype}, lr {lr:g}"]
     if last_finite is not None:
         ev.append(f"last finite loss {last_finite:.4f}")
-    return Finding("QD802", "error", f"loss became {'NaN' if math.isnan(loss) else 'inf'} at step {step}", ev,
-                   "; or ".join(fixes), "plan")
+    return Finding(
+        "QD802",
+        "error",
+        f"loss became {'NaN' if math.isnan(loss) else 'inf'} at step {step}",
+        ev,
+        "; or ".join(fixes),
+        "plan",
+    )
 
 
 @dataclass
@@ -113,7 +131,9 @@ def forward_loss(run: Run, batch: dict, n_label_tokens: int):
     import torch
 
     batch = {k: v.to(run.device) for k, v in batch.items()}
-    with torch.autocast(run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.v("dtype") != "fp32"):
+    with torch.autocast(
+        run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.v("dtype") != "fp32"
+    ):
         out = run.model(**batch)
     n = int((batch["labels"][:, 1:] != IGNORE).sum())
     return out.loss.float() * (n / n_label_tokens)
@@ -126,7 +146,7 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
     n_label = sum(sum(1 for x in b[1:] if x != IGNORE) for _, b in examples)
     total = 0.0
     for i in range(accum):
-        loss = forward_loss(run, collate(examples[i * micro:(i + 1) * micro], run.pad_id), n_label)
+        loss = forward_loss(run, collate(examples[i * micro : (i + 1) * micro], run.pad_id), n_label)
         total += loss.item()
         if not math.isfinite(total):
             return total, 0
@@ -150,15 +170,26 @@ def evaluate(run: Run) -> float | None:
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(run.eval), run.micro):
-            total += forward_loss(run, collate(run.eval[i:i + run.micro], run.pad_id), n_label).item()
+            total += forward_loss(run, collate(run.eval[i : i + run.micro], run.pad_id), n_label).item()
     run.model.train()
     return total
 
 
 def save_checkpoint(run: Run) -> None:
-    checkpoint.save(run.output, run.model, run.optimizer, run.scheduler, run.scaler,
-                    {"step": run.step, "micro_batch": run.micro, "tokens": run.tokens, "elapsed_s": run.elapsed,
-                     "examples_seen": run.step * run.plan.v("batch_size")})
+    checkpoint.save(
+        run.output,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.scaler,
+        {
+            "step": run.step,
+            "micro_batch": run.micro,
+            "tokens": run.tokens,
+            "elapsed_s": run.elapsed,
+            "examples_seen": run.step * run.plan.v("batch_size"),
+        },
+    )
 
 
 def _metric(run: Run, rec: dict) -> None:
@@ -171,8 +202,11 @@ def fit(run: Run, progress) -> None:
     batch, steps = run.plan.v("batch_size"), run.plan.v("max_steps")
     eval_every, save_every = run.plan.v("eval_every"), run.plan.v("save_every")
     last_finite = None
-    prev = signal.signal(signal.SIGINT, lambda *_: setattr(run, "stop_requested", True)) \
-        if _main_thread() else None
+    prev = (
+        signal.signal(signal.SIGINT, lambda *_: setattr(run, "stop_requested", True))
+        if _main_thread()
+        else None
+    )
     try:
         run.model.train()
         while run.step < steps:
@@ -182,19 +216,34 @@ def fit(run: Run, progress) -> None:
             t0 = time.perf_counter()
             examples = [run.train[i] for i in step_indices(len(run.train), batch, run.step, run.seed)]
             (loss, gnorm), run.micro = with_oom_backoff(
-                lambda m, a: train_step(run, examples, m, a), batch, run.micro, run.log, after_oom=_free)
+                lambda m, a, ex=examples: train_step(run, ex, m, a),
+                batch,
+                run.micro,
+                run.log,
+                after_oom=_free,
+            )
             if not math.isfinite(loss):
-                raise StopRun(diagnose_nonfinite(run.step + 1, loss, run.plan.v("dtype"),
-                                                 run.scheduler.get_last_lr()[0], last_finite))
+                raise StopRun(
+                    diagnose_nonfinite(
+                        run.step + 1, loss, run.plan.v("dtype"), run.scheduler.get_last_lr()[0], last_finite
+                    )
+                )
             last_finite = loss
             run.step += 1
             ntok = sum(len(a) for a, _ in examples)
             dt = time.perf_counter() - t0
             run.tokens += ntok
             run.elapsed += dt
-            rec = {"step": run.step, "loss": round(loss, 6), "lr": run.scheduler.get_last_lr()[0],
-                   "grad_norm": round(gnorm, 6), "tokens": ntok, "tokens_per_s": round(ntok / dt, 1),
-                   "micro_batch": run.micro, "elapsed_s": round(run.elapsed, 3)}
+            rec = {
+                "step": run.step,
+                "loss": round(loss, 6),
+                "lr": run.scheduler.get_last_lr()[0],
+                "grad_norm": round(gnorm, 6),
+                "tokens": ntok,
+                "tokens_per_s": round(ntok / dt, 1),
+                "micro_batch": run.micro,
+                "elapsed_s": round(run.elapsed, 3),
+            }
             if run.step % eval_every == 0 or run.step == steps:
                 rec["eval_loss"] = evaluate(run)
             _metric(run, rec)
@@ -256,8 +305,10 @@ def progress_bar(stream=None):
         width = 24
         done = int(width * run.step / steps)
         ev = f" eval {rec['eval_loss']:.3f}" if rec.get("eval_loss") is not None else ""
-        line = (f"[{'#' * done}{'.' * (width - done)}] step {run.step}/{steps} loss {rec['loss']:.4f}{ev} "
-                f"{rate:,.0f} tok/s ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        line = (
+            f"[{'#' * done}{'.' * (width - done)}] step {run.step}/{steps} loss {rec['loss']:.4f}{ev} "
+            f"{rate:,.0f} tok/s ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
         if tty:
             stream.write("\r" + line + ("\n" if run.step == steps else ""))
         elif run.step == steps or run.step % max(1, steps // 10) == 0 or run.step == 1 or ev:

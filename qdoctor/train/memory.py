@@ -31,10 +31,14 @@ LOGIT_BYTES = 10
 SHAPE_1B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 SHAPE_7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
 CALIBRATION = [
-    (SHAPE_1B, 8, 1024, True, 6.1), (SHAPE_1B, 8, 1024, False, 26.5),
-    (SHAPE_1B, 2, 4096, True, 6.1), (SHAPE_1B, 2, 4096, False, 26.5),
-    (SHAPE_7B, 8, 1024, True, 13.1), (SHAPE_7B, 8, 1024, False, 87.4),
-    (SHAPE_7B, 2, 4096, True, 15.3), (SHAPE_7B, 2, 4096, False, 93.7),
+    (SHAPE_1B, 8, 1024, True, 6.1),
+    (SHAPE_1B, 8, 1024, False, 26.5),
+    (SHAPE_1B, 2, 4096, True, 6.1),
+    (SHAPE_1B, 2, 4096, False, 26.5),
+    (SHAPE_7B, 8, 1024, True, 13.1),
+    (SHAPE_7B, 8, 1024, False, 87.4),
+    (SHAPE_7B, 2, 4096, True, 15.3),
+    (SHAPE_7B, 2, 4096, False, 93.7),
 ]
 CALIBRATION_SOURCE = "shared/facts/h200-2026-11-28.md (measured peak GiB, H200, NF4+DQ, bf16, r=16)"
 
@@ -85,8 +89,17 @@ class Estimate:
         return {k: round(v, 3) for k, v in asdict(self).items()}
 
 
-def estimate(shape: Shape, *, micro_batch: int, seq_len: int, checkpointing: bool, quantization: str = "nf4",
-             dtype: str = "bf16", optimizer: str = "paged_adamw_8bit", lora_r: int = 16) -> Estimate:
+def estimate(
+    shape: Shape,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: bool,
+    quantization: str = "nf4",
+    dtype: str = "bf16",
+    optimizer: str = "paged_adamw_8bit",
+    lora_r: int = 16,
+) -> Estimate:
     lin = shape.layers * shape.linear_params_per_layer()
     if quantization in BITS_PER_PARAM:
         w_lin = lin * BITS_PER_PARAM[quantization] / 8
@@ -103,9 +116,13 @@ def estimate(shape: Shape, *, micro_batch: int, seq_len: int, checkpointing: boo
     else:
         act = shape.layers * per_layer
     logits = LOGIT_BYTES * shape.vocab * tokens
-    parts = dict(weights_gib=(w_lin + w_other) / GIB, lora_gib=8 * n_lora / GIB,
-                 optimizer_gib=OPTIM_STATE_BYTES[optimizer] * n_lora / GIB,
-                 activations_gib=act / GIB, logits_gib=logits / GIB)
+    parts = dict(
+        weights_gib=(w_lin + w_other) / GIB,
+        lora_gib=8 * n_lora / GIB,
+        optimizer_gib=OPTIM_STATE_BYTES[optimizer] * n_lora / GIB,
+        activations_gib=act / GIB,
+        logits_gib=logits / GIB,
+    )
     return Estimate(**parts, total_gib=sum(parts.values()))
 
 
@@ -113,7 +130,12 @@ def shape_from_config(cfg) -> Shape:
     """From a transformers config (or a dict of one)."""
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     heads = get("num_attention_heads")
-    return Shape(hidden=get("hidden_size"), intermediate=get("intermediate_size"),
-                 layers=get("num_hidden_layers"), heads=heads,
-                 kv_heads=get("num_key_value_heads") or heads, vocab=get("vocab_size"),
-                 head_dim=get("head_dim", None))
+    return Shape(
+        hidden=get("hidden_size"),
+        intermediate=get("intermediate_size"),
+        layers=get("num_hidden_layers"),
+        heads=heads,
+        kv_heads=get("num_key_value_heads") or heads,
+        vocab=get("vocab_size"),
+        head_dim=get("head_dim", None),
+    )

@@ -30,13 +30,20 @@ def assets_dir() -> Path:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _looks_like_hub_id(s: str) -> bool:
-    return (not s.startswith((".", "/", "~")) and s.count("/") <= 1 and ":" not in s and "\\" not in s
-            and all(part and all(c.isalnum() or c in "-_." for c in part) for part in s.split("/")))
+    return (
+        not s.startswith((".", "/", "~"))
+        and s.count("/") <= 1
+        and ":" not in s
+        and "\\" not in s
+        and all(part and all(c.isalnum() or c in "-_." for c in part) for part in s.split("/"))
+    )
 
 
 @dataclass
@@ -56,8 +63,10 @@ def resolve(model: str | None) -> ModelSource:
         return ModelSource(model, str(p), False)
     if _looks_like_hub_id(model):
         if _offline():
-            raise ModelError(f"model {model} is not a local directory and HF_HUB_OFFLINE=1 forbids downloading "
-                             f"it; pass a local directory or unset HF_HUB_OFFLINE")
+            raise ModelError(
+                f"model {model} is not a local directory and HF_HUB_OFFLINE=1 forbids downloading "
+                f"it; pass a local directory or unset HF_HUB_OFFLINE"
+            )
         return ModelSource(model, None, False)
     raise ModelError(f"model path {model} does not exist")
 
@@ -91,7 +100,7 @@ def meta_model(config):
 
 
 def linear_names(model) -> list[str]:
-    """Leaf names of the linear layers LoRA can target (the output head excluded, as peft's all-linear does)."""
+    """Leaf names of the linear layers LoRA can target (not the output head: as peft's all-linear)."""
     import torch
 
     out = set()
@@ -111,8 +120,10 @@ def check_targets(targets, model, model_name: str) -> None:
     wanted = [targets] if isinstance(targets, str) else list(targets)
     missing = [t for t in wanted if t not in have]
     if missing:
-        raise ModelError(f"target module {', '.join(missing)} is not in model {model_name}; its linear modules: "
-                         f"{', '.join(have)}")
+        raise ModelError(
+            f"target module {', '.join(missing)} is not in model {model_name}; its linear modules: "
+            f"{', '.join(have)}"
+        )
 
 
 def embedded_base_dir() -> str:
@@ -153,8 +164,9 @@ def load_tokenizer(src: ModelSource):
         try:
             tok = AutoTokenizer.from_pretrained(src.path or src.name)
         except Exception as e:
-            raise ModelError(f"cannot load the tokenizer of model {src.name}: {str(e).splitlines()[0][:200]}") \
-                from None
+            raise ModelError(
+                f"cannot load the tokenizer of model {src.name}: {str(e).splitlines()[0][:200]}"
+            ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -178,14 +190,22 @@ def load_for_training(src: ModelSource, plan, seed: int):
     quant = plan.v("quantization")
     qcfg = None
     if quant == "nf4":
-        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+        qcfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
     elif quant == "int8":
         qcfg = BitsAndBytesConfig(load_in_8bit=True)
     path = embedded_base_dir() if src.embedded else (src.path or src.name)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=dtype,
-                                                 device_map={"": plan.v("device")},
-                                                 attn_implementation=plan.v("attention"))
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=qcfg,
+        dtype=dtype,
+        device_map={"": plan.v("device")},
+        attn_implementation=plan.v("attention"),
+    )
     model.config.use_cache = False
     if qcfg is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -198,6 +218,11 @@ def load_for_training(src: ModelSource, plan, seed: int):
         model.enable_input_require_grads()
     lora = plan.v("lora")
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                     target_modules=lora["targets"], task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["targets"],
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, cfg), path

@@ -55,7 +55,9 @@ class Plan:
         return getattr(self, name).value
 
     def to_dict(self) -> dict:
-        d = {k: asdict(getattr(self, k)) for k in self.__dataclass_fields__ if k not in ("memory", "findings")}
+        d = {
+            k: asdict(getattr(self, k)) for k in self.__dataclass_fields__ if k not in ("memory", "findings")
+        }
         d["memory"] = self.memory
         d["findings"] = [f.to_dict() if isinstance(f, Finding) else f for f in self.findings]
         return d
@@ -73,11 +75,13 @@ class Plan:
         m = self.memory
         if m:
             est = m["estimate"]
-            lines.append(f"Memory estimate on {m['device']}: {est['total_gib']:.2f} GiB peak of {m['budget_gib']:.1f} "
-                         f"GiB usable (weights {est['weights_gib']:.2f}, LoRA {est['lora_gib']:.3f}, optimizer "
-                         f"{est['optimizer_gib']:.3f}, activations {est['activations_gib']:.2f}, logits "
-                         f"{est['logits_gib']:.2f}); model {m['params_b']:.3f}B params; calibrated on "
-                         f"{memory.CALIBRATION_SOURCE}")
+            lines.append(
+                f"Memory estimate on {m['device']}: {est['total_gib']:.2f} GiB peak of {m['budget_gib']:.1f} "
+                f"GiB usable (weights {est['weights_gib']:.2f}, LoRA {est['lora_gib']:.3f}, optimizer "
+                f"{est['optimizer_gib']:.3f}, activations {est['activations_gib']:.2f}, logits "
+                f"{est['logits_gib']:.2f}); model {m['params_b']:.3f}B params; calibrated on "
+                f"{memory.CALIBRATION_SOURCE}"
+            )
 
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code} {f.title}" + (f" -> {f.fix}" if f.fix else ""))
@@ -143,8 +147,10 @@ def choose_dtype(cfg, facts, probes, device: str) -> Choice:
     if probe_status(probes, "precision") == "fail":
         return Choice("fp32", "the precision probe failed: fp32 compute (slow but safe)")
     if bf16 or (bf16 is None and cc is not None and cc >= 8.0):
-        return Choice("bf16", f"GPU is sm_{int(cc * 10) if cc else '?'}: native bf16 (QLoRA recipe; fp16 risks "
-                              "overflow)")
+        return Choice(
+            "bf16",
+            f"GPU is sm_{int(cc * 10) if cc else '?'}: native bf16 (QLoRA recipe; fp16 risks overflow)",
+        )
     if cc is not None and cc >= 7.0:
         return Choice("fp16", f"GPU is sm_{int(cc * 10)}: no native bf16; fp16 with loss scaling")
     return Choice("fp32", "GPU has no fast bf16/fp16 (compute capability < 7.0) or it is unknown")
@@ -154,27 +160,43 @@ def choose_quantization(cfg, facts, probes) -> Choice:
     if cfg.quantization != "auto":
         return Choice(cfg.quantization, "set by you")
     bnb = facts.get("bitsandbytes") or {}
-    if bnb.get("installed") is False or bnb.get("loads") is False or probe_status(probes, "imports") == "fail":
+    if (
+        bnb.get("installed") is False
+        or bnb.get("loads") is False
+        or probe_status(probes, "imports") == "fail"
+    ):
         return Choice("none", "bitsandbytes does not load here: LoRA on an unquantized base")
     nf4 = probe_status(probes, "nf4")
-    if nf4 in ("fail", "crash", "timeout") or probe_status(probes, "matmul4bit") in ("fail", "crash", "timeout"):
-        return Choice("int8", f"4-bit kernels failed ({_probe_note(probes, 'nf4')}, "
-                              f"{_probe_note(probes, 'matmul4bit')}): 8-bit weights instead")
-    return Choice("nf4", f"NF4 + double quantization, 4.127 bits/param (QLoRA §3); {_probe_note(probes, 'nf4')}")
+    if nf4 in ("fail", "crash", "timeout") or probe_status(probes, "matmul4bit") in (
+        "fail",
+        "crash",
+        "timeout",
+    ):
+        return Choice(
+            "int8",
+            f"4-bit kernels failed ({_probe_note(probes, 'nf4')}, "
+            f"{_probe_note(probes, 'matmul4bit')}): 8-bit weights instead",
+        )
+    return Choice(
+        "nf4", f"NF4 + double quantization, 4.127 bits/param (QLoRA §3); {_probe_note(probes, 'nf4')}"
+    )
 
 
 def _bnb_ok(facts, probes) -> bool:
     bnb = facts.get("bitsandbytes") or {}
-    return not (bnb.get("installed") is False or bnb.get("loads") is False
-                or probe_status(probes, "imports") == "fail")
+    return not (
+        bnb.get("installed") is False
+        or bnb.get("loads") is False
+        or probe_status(probes, "imports") == "fail"
+    )
 
 
 def _paged_failed(probes) -> bool:
     for p in probes or []:
         d = p if isinstance(p, dict) else p.to_dict()
         if d.get("probe") == "optim8bit":
-            meas = d.get("measured") or d.get("numbers") or {}
-            return meas.get("paged") is False or meas.get("paged_ok") is False
+            paged = (d.get("measurements") or {}).get("paged")
+            return paged is False or (isinstance(paged, str) and paged.startswith(("fail", "error")))
     return False
 
 
@@ -188,17 +210,33 @@ def optimizer_chain(cfg, facts, probes, device: str) -> list[Choice]:
     note = _probe_note(probes, "optim8bit")
     if device == "cpu":
         if eightbit_ok:
-            out.append(Choice("adamw_8bit", f"8-bit AdamW (states 2 bytes/param); {note}; paged optimizers need "
-                                            "CUDA managed memory"))
-        out.append(Choice("adamw", "torch AdamW" + ("" if eightbit_ok else f": the 8-bit optimizer is unusable "
-                                                                            f"({note})")))
+            out.append(
+                Choice(
+                    "adamw_8bit",
+                    f"8-bit AdamW (states 2 bytes/param); {note}; paged optimizers need CUDA managed memory",
+                )
+            )
+        out.append(
+            Choice(
+                "adamw",
+                "torch AdamW" + ("" if eightbit_ok else f": the 8-bit optimizer is unusable ({note})"),
+            )
+        )
         return out
     if eightbit_ok and not _paged_failed(probes):
-        out.append(Choice("paged_adamw_8bit", f"paged AdamW 8-bit: states page to CPU under memory pressure "
-                                              f"(QLoRA recipe); {note}"))
+        out.append(
+            Choice(
+                "paged_adamw_8bit",
+                f"paged AdamW 8-bit: states page to CPU under memory pressure (QLoRA recipe); {note}",
+            )
+        )
     if eightbit_ok:
-        out.append(Choice("adamw_8bit", "AdamW 8-bit" + (": the paged (managed-memory) step failed"
-                                                         if _paged_failed(probes) else "")))
+        out.append(
+            Choice(
+                "adamw_8bit",
+                "AdamW 8-bit" + (": the paged (managed-memory) step failed" if _paged_failed(probes) else ""),
+            )
+        )
     why = f"the 8-bit optimizer is unusable ({note})" if not eightbit_ok else "GPU memory is short"
     out.append(Choice("cpu_adamw", f"32-bit AdamW with states and step on the CPU: {why}"))
     out.append(Choice("adamw", "torch AdamW on the device (last resort)"))
@@ -224,7 +262,7 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float):
-    """(micro_batch, checkpointing, estimate, why) or None when even micro-batch 1 with checkpointing fails."""
+    """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails."""
     ck_opts = {"auto": (False, True), "on": (True,), "off": (False,)}[cfg.gradient_checkpointing]
     micros = [cfg.micro_batch] if cfg.micro_batch else _divisors_desc(batch)
     if cfg.grad_accum and not cfg.micro_batch:
@@ -233,15 +271,32 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
         for mb in micros:
             if not ck and cfg.gradient_checkpointing == "auto" and mb < min(batch, 4):
                 break  # a tiny micro-batch wastes the device: checkpointing with a bigger one is faster
-            est = memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=ck, quantization=quant,
-                                  dtype=dtype, optimizer=optimizer, lora_r=cfg.lora_r)
+            est = memory.estimate(
+                shape,
+                micro_batch=mb,
+                seq_len=tokens,
+                checkpointing=ck,
+                quantization=quant,
+                dtype=dtype,
+                optimizer=optimizer,
+                lora_r=cfg.lora_r,
+            )
             if est.total_gib <= budget:
                 return mb, ck, est
     return None
 
 
-def make_plan(cfg: TrainConfig, facts: dict, probes, *, shape: memory.Shape, model_name: str, embedded: bool,
-              n_train: int, max_len: int | None = None) -> Plan:
+def make_plan(
+    cfg: TrainConfig,
+    facts: dict,
+    probes,
+    *,
+    shape: memory.Shape,
+    model_name: str,
+    embedded: bool,
+    n_train: int,
+    max_len: int | None = None,
+) -> Plan:
     findings = []
     device = choose_device(cfg, facts, probes)
     dtype = choose_dtype(cfg, facts, probes, device.value)
@@ -250,14 +305,26 @@ def make_plan(cfg: TrainConfig, facts: dict, probes, *, shape: memory.Shape, mod
         batch = cfg.micro_batch * cfg.grad_accum
     else:
         batch = cfg.batch_size or DEFAULT_BATCH
-    batch_c = Choice(batch, "set by you" if cfg.batch_size or (cfg.micro_batch and cfg.grad_accum)
-                     else f"{DEFAULT_BATCH} sequences per step (QLoRA's OASST1 run)")
+    batch_c = Choice(
+        batch,
+        "set by you"
+        if cfg.batch_size or (cfg.micro_batch and cfg.grad_accum)
+        else f"{DEFAULT_BATCH} sequences per step (QLoRA's OASST1 run)",
+    )
     tokens = cfg.seq_len if cfg.packing else min(cfg.seq_len, max_len or cfg.seq_len)
     budget, budget_why = _budget_gib(facts, device.value)
     chosen = None
     for opt in optimizer_chain(cfg, facts, probes, device.value):
-        fit = fit_batch(shape, cfg, batch=batch, tokens=tokens, quant=quant.value, dtype=dtype.value,
-                        optimizer=opt.value, budget=budget)
+        fit = fit_batch(
+            shape,
+            cfg,
+            batch=batch,
+            tokens=tokens,
+            quant=quant.value,
+            dtype=dtype.value,
+            optimizer=opt.value,
+            budget=budget,
+        )
         if opt.value == "cpu_adamw" and chosen is None and fit is None:
             continue
         if fit is not None:
@@ -266,25 +333,49 @@ def make_plan(cfg: TrainConfig, facts: dict, probes, *, shape: memory.Shape, mod
     if chosen is None:
         opt = optimizer_chain(cfg, facts, probes, device.value)[0]
         mb = cfg.micro_batch or 1
-        est = memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=cfg.gradient_checkpointing != "off",
-                              quantization=quant.value, dtype=dtype.value, optimizer=opt.value, lora_r=cfg.lora_r)
+        est = memory.estimate(
+            shape,
+            micro_batch=mb,
+            seq_len=tokens,
+            checkpointing=cfg.gradient_checkpointing != "off",
+            quantization=quant.value,
+            dtype=dtype.value,
+            optimizer=opt.value,
+            lora_r=cfg.lora_r,
+        )
         chosen = (opt, (mb, cfg.gradient_checkpointing != "off", est))
-        findings.append(Finding("QD801", "warning", f"estimated peak {est.total_gib:.1f} GiB exceeds the "
-                                f"{budget:.1f} GiB usable on {device.value}",
-                                [budget_why], "lower --seq-len or --micro-batch, or use a smaller model; on "
-                                "out-of-memory the run halves the micro-batch", "plan"))
+        findings.append(
+            Finding(
+                "QD801",
+                "warning",
+                f"estimated peak {est.total_gib:.1f} GiB exceeds the "
+                f"{budget:.1f} GiB usable on {device.value}",
+                [budget_why],
+                "lower --seq-len or --micro-batch, or use a smaller model; on "
+                "out-of-memory the run halves the micro-batch",
+                "plan",
+            )
+        )
     opt, (mb, ck, est) = chosen
     accum = batch // mb
-    mb_why = "set by you" if cfg.micro_batch else f"largest that fits the estimate ({est.total_gib:.2f} GiB <= " \
-                                                  f"{budget:.1f} GiB: {budget_why})"
+    mb_why = (
+        "set by you"
+        if cfg.micro_batch
+        else f"largest that fits the estimate ({est.total_gib:.2f} GiB <= {budget:.1f} GiB: {budget_why})"
+    )
     if cfg.gradient_checkpointing != "auto":
         ck_why = "set by you"
     elif ck:
         ck_why = "activations of a useful micro-batch do not fit without it (non-reentrant)"
     else:
         ck_why = "activations fit without it: about 30% faster (H200 measurements)"
-    attention = Choice(cfg.attention, "set by you") if cfg.attention != "auto" else \
-        Choice("sdpa", "torch scaled_dot_product_attention (fused kernels, exact); eager only as a fallback")
+    attention = (
+        Choice(cfg.attention, "set by you")
+        if cfg.attention != "auto"
+        else Choice(
+            "sdpa", "torch scaled_dot_product_attention (fused kernels, exact); eager only as a fallback"
+        )
+    )
     if cfg.lr:
         lr = Choice(cfg.lr, "set by you")
     elif embedded:
@@ -296,30 +387,71 @@ def make_plan(cfg: TrainConfig, facts: dict, probes, *, shape: memory.Shape, mod
     if cfg.max_steps:
         steps = Choice(cfg.max_steps, "set by you")
     elif embedded:
-        steps = Choice(EMBEDDED_STEPS, "embedded default: enough for the loss to fall clearly, under a minute on CPU")
+        steps = Choice(
+            EMBEDDED_STEPS, "embedded default: enough for the loss to fall clearly, under a minute on CPU"
+        )
     else:
         steps = Choice(max(1, math.ceil(n_train / batch)), f"one epoch of {n_train} training examples")
     n = steps.value
-    warm = Choice(cfg.warmup_steps, "set by you") if cfg.warmup_steps is not None else \
-        Choice(round(0.03 * n), "3% of the steps, then constant (QLoRA: warmup_ratio 0.03, constant schedule)")
+    warm = (
+        Choice(cfg.warmup_steps, "set by you")
+        if cfg.warmup_steps is not None
+        else Choice(
+            round(0.03 * n), "3% of the steps, then constant (QLoRA: warmup_ratio 0.03, constant schedule)"
+        )
+    )
     alpha = cfg.lora_alpha or 2 * cfg.lora_r
-    lora = Choice({"r": cfg.lora_r, "alpha": alpha, "dropout": cfg.lora_dropout, "targets": cfg.target_modules},
-                  "LoRA on all linear layers of the blocks (QLoRA §4: needed to match full fine-tuning)"
-                  if cfg.target_modules == "all-linear" else "target modules set by you")
-    ev = Choice(cfg.eval_every, "set by you") if cfg.eval_every else Choice(max(1, n // 5), "five evaluations per run")
-    sv = Choice(cfg.save_every, "set by you") if cfg.save_every else Choice(max(1, n // 4),
-                                                                            "a checkpoint every quarter of the run")
-    scaling = Choice(dtype.value == "fp16", "fp16 needs dynamic loss scaling" if dtype.value == "fp16"
-                     else f"not needed with {dtype.value}")
-    mem = {"device": device.value, "budget_gib": round(budget, 2), "budget": budget_why,
-           "estimate": est.to_dict(), "tokens_per_sequence": tokens, "params_b": shape.total_params() / 1e9,
-           "calibration": memory.CALIBRATION_SOURCE}
+    lora = Choice(
+        {"r": cfg.lora_r, "alpha": alpha, "dropout": cfg.lora_dropout, "targets": cfg.target_modules},
+        "LoRA on all linear layers of the blocks (QLoRA §4: needed to match full fine-tuning)"
+        if cfg.target_modules == "all-linear"
+        else "target modules set by you",
+    )
+    ev = (
+        Choice(cfg.eval_every, "set by you")
+        if cfg.eval_every
+        else Choice(max(1, n // 5), "five evaluations per run")
+    )
+    sv = (
+        Choice(cfg.save_every, "set by you")
+        if cfg.save_every
+        else Choice(max(1, n // 4), "a checkpoint every quarter of the run")
+    )
+    scaling = Choice(
+        dtype.value == "fp16",
+        "fp16 needs dynamic loss scaling" if dtype.value == "fp16" else f"not needed with {dtype.value}",
+    )
+    mem = {
+        "device": device.value,
+        "budget_gib": round(budget, 2),
+        "budget": budget_why,
+        "estimate": est.to_dict(),
+        "tokens_per_sequence": tokens,
+        "params_b": shape.total_params() / 1e9,
+        "calibration": memory.CALIBRATION_SOURCE,
+    }
     return Plan(
-        model=Choice(model_name, "embedded tiny Llama (random init, fixed seed)" if embedded else "set by you"),
-        device=device, dtype=dtype, quantization=quant, optimizer=opt, gradient_checkpointing=Choice(ck, ck_why),
-        attention=attention, batch_size=batch_c, micro_batch=Choice(mb, mb_why),
-        grad_accum=Choice(accum, f"{batch} / {mb}: same effective batch"), lr=lr, max_steps=steps, warmup_steps=warm,
-        lora=lora, eval_every=ev, save_every=sv, loss_scaling=scaling,
+        model=Choice(
+            model_name, "embedded tiny Llama (random init, fixed seed)" if embedded else "set by you"
+        ),
+        device=device,
+        dtype=dtype,
+        quantization=quant,
+        optimizer=opt,
+        gradient_checkpointing=Choice(ck, ck_why),
+        attention=attention,
+        batch_size=batch_c,
+        micro_batch=Choice(mb, mb_why),
+        grad_accum=Choice(accum, f"{batch} / {mb}: same effective batch"),
+        lr=lr,
+        max_steps=steps,
+        warmup_steps=warm,
+        lora=lora,
+        eval_every=ev,
+        save_every=sv,
+        loss_scaling=scaling,
         max_grad_norm=Choice(cfg.max_grad_norm, "QLoRA: 0.3" if cfg.max_grad_norm == 0.3 else "set by you"),
         weight_decay=Choice(cfg.weight_decay, "QLoRA: 0" if cfg.weight_decay == 0 else "set by you"),
-        memory=mem, findings=findings)
+        memory=mem,
+        findings=findings,
+    )

@@ -35,13 +35,15 @@ def probe_names(facts: dict) -> tuple[str, ...]:
 
 
 def _probe_findings(probes: list[dict]) -> list[Finding]:
+    """Failed, crashed or timed-out probes block the run (smoke's own codes and fixes)."""
+    from qdoctor.smoke.result import ProbeResult, to_finding
+
     out = []
     for p in probes:
         if p.get("status") in ("fail", "crash", "timeout"):
-            f = p.get("finding") or {}
-            out.append(Finding(f.get("code", "QD700"), "error",
-                               f.get("title") or f"probe {p.get('probe')} {p.get('status')}",
-                               list(f.get("evidence") or [])[:3], f.get("fix"), "smoke"))
+            f = to_finding(ProbeResult.from_dict(p))
+            if f is not None:
+                out.append(Finding(f.code, "error", f.title, f.evidence, f.fix, f.area))
     return out
 
 

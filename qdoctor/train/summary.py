@@ -69,7 +69,7 @@ def plot(output: Path, history: list) -> Path | None:
     ax.plot(steps, [h["loss"] for h in history], label="train")
     ev = [(h["step"], h["eval_loss"]) for h in history if h.get("eval_loss") is not None]
     if ev:
-        ax.plot(*zip(*ev), "o-", label="held-out")
+        ax.plot(*zip(*ev, strict=True), "o-", label="held-out")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

@@ -1,0 +1,257 @@
+"""qdoctor train end to end on CPU with the embedded tiny default (pre-flight injected: independent of
+check/smoke, which have their own tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qdoctor.findings import Finding
+from qdoctor.train import cli as train_cli
+from qdoctor.train import loop, preflight
+
+CPU_FACTS = {
+    "platform": {"memory_total_mib": 24000},
+    "nvidia": {"gpus": []},
+    "torch": {"cuda": None, "cuda_available": False},
+    "bitsandbytes": {"installed": True, "loads": True},
+}
+PROBES = [{"probe": n, "status": "pass"} for n in preflight.CPU_PROBES]
+FAST = ["--max-steps", "6", "--save-every", "2", "--eval-every", "3", "--batch-size", "8"]
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("QDOCTOR_TEST_STOP_AFTER", raising=False)
+
+
+@pytest.fixture
+def pf(monkeypatch):
+    """Inject the pre-flight result; `state.findings` can be set by a test."""
+    state = preflight.Preflight(CPU_FACTS, [], list(PROBES), fingerprint="test-fp")
+    monkeypatch.setattr(preflight, "run", lambda device, **kw: state)
+    return state
+
+
+def invoke(*args):
+    return CliRunner().invoke(train_cli.train, list(args), catch_exceptions=False)
+
+
+def adapter_tensors(d: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "adapter_model.safetensors"))
+
+
+def test_default_run_writes_a_loadable_adapter_and_the_loss_falls(tmp_path, pf):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    r = invoke("--output", str(out), "--json", "--max-steps", "12", "--eval-every", "6", "--save-every", "6")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["status"] == "completed" and s["steps"] == 12
+    assert s["final_loss"] < s["first_loss"] - 0.3 and s["final_eval_loss"] < s["first_eval_loss"]
+    assert s["environment_fingerprint"] == "test-fp" and s["tokens_per_s"] > 0
+    assert s["plan"]["quantization"]["value"] == "nf4" and s["peak_memory"]["host_rss_gib"] > 0
+    for f in (
+        "summary.json",
+        "metrics.jsonl",
+        "loss.png",
+        "plan.json",
+        "run.json",
+        "adapter/adapter_config.json",
+    ):
+        assert (out / f).is_file(), f
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 12
+    assert "step 12/12" in r.stderr and "tok/s" in r.stderr and "ETA" in r.stderr
+    assert not list(out.glob(".*tmp*"))
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
+    m = PeftModel.from_pretrained(base, str(out / "adapter"))
+    saved = adapter_tensors(out / "adapter")
+    live = {k: v for k, v in m.state_dict().items() if "lora_" in k}
+    assert len(saved) == len(live) > 0
+    assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if "lora_B" in k)  # it trained
+    with torch.no_grad():
+        ids = torch.tensor([[3, 203, 275, 266]])
+        tuned = m(ids).logits
+        with m.disable_adapter():
+            plain = m(ids).logits
+    assert not torch.allclose(tuned, plain)  # the loaded adapter changes the model's output
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, pf, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert invoke("--output", str(a), *FAST).exit_code == 0
+    monkeypatch.setenv("QDOCTOR_TEST_STOP_AFTER", "3")  # same code path as Ctrl-C after step 3
+    r = invoke("--output", str(b), *FAST)
+    assert r.exit_code == 130 and "--resume" in r.stderr
+    assert json.loads((b / "checkpoint" / "state.json").read_text())["step"] == 3
+    monkeypatch.delenv("QDOCTOR_TEST_STOP_AFTER")
+    r = invoke("--output", str(b), "--resume", *FAST)
+    assert r.exit_code == 0, r.output
+    assert "resuming from step 3" in r.stderr
+    ta, tb = adapter_tensors(a / "adapter"), adapter_tensors(b / "adapter")
+    import torch
+
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], atol=1e-6), k
+    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, pf):
+    r = invoke("--output", str(tmp_path / "x"), "--dry-run", "--json")
+    assert r.exit_code == 0
+    p = json.loads(r.stdout)
+    assert p["device"]["value"] == "cpu" and p["memory"]["estimate"]["total_gib"] > 0
+    assert not (tmp_path / "x").exists()
+    r = invoke("--output", str(tmp_path / "x"), "--dry-run")
+    assert "Memory estimate" in r.stdout and "calibrated on" in r.stdout
+
+
+def test_error_finding_refuses_and_force_overrides(tmp_path, pf):
+    pf.findings = [
+        Finding(
+            "QD301",
+            "error",
+            "bitsandbytes has no kernels for sm_70",
+            ["x"],
+            "pip install 'bitsandbytes==0.45.5'",
+            "bitsandbytes",
+        )
+    ]
+    r = invoke("--output", str(tmp_path / "x"), "--dry-run")
+    assert r.exit_code == 1 and "QD301" in r.stderr and "pip install" in r.stderr
+    assert invoke("--output", str(tmp_path / "x"), "--dry-run", "--force").exit_code == 0
+
+
+def test_nan_loss_stops_with_a_diagnosis(tmp_path, pf, monkeypatch):
+    real = loop.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(run, batch, n):
+        calls["n"] += 1
+        loss = real(run, batch, n)
+        return loss * float("nan") if run.step >= 2 and run.model.training else loss
+
+    monkeypatch.setattr(loop, "forward_loss", poisoned)
+    r = invoke("--output", str(tmp_path / "n"), *FAST)
+    assert r.exit_code == 1
+    assert "QD802" in r.stderr and "NaN at step 3" in r.stderr and "lower the learning rate" in r.stderr
+    s = json.loads((tmp_path / "n" / "summary.json").read_text())
+    assert s["status"] == "stopped" and s["steps"] == 2
+
+
+BAD = {
+    "missing model": (["--model", "/nonexistent/model"], "does not exist"),
+    "offline hub id": (["--model", "someorg/somemodel"], "HF_HUB_OFFLINE"),
+    "bad target": (["--target-modules", "q_proj,qkv"], "down_proj"),
+    "bad config value": (["--lora-r", "0"], "lora_r"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, pf, case):
+    args, needle = BAD[case]
+    out = tmp_path / "o"
+    r = invoke("--output", str(out), *args)
+    assert r.exit_code == 2 and needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_bad_datasets(tmp_path, pf):
+    cases = {
+        "missing.jsonl": ("", "does not exist"),
+        "empty.jsonl": ("\n\n", "empty"),
+        "broken.jsonl": ('{"text": "a"}\n{"text": "b"\n', "line 2"),
+    }
+    for name, (content, needle) in cases.items():
+        path = tmp_path / name
+        if content:
+            path.write_text(content)
+        r = invoke("--output", str(tmp_path / "o"), "--data", str(path))
+        assert r.exit_code == 2 and needle in r.stderr, (name, r.stderr)
+        assert not (tmp_path / "o").exists()
+
+
+def test_bad_config_key_in_toml(tmp_path, pf):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nmax_steps = 3\nlearnin_rate = 1\n")
+    r = invoke("--config", str(f), "--output", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "learnin_rate" in r.stderr
+
+
+def test_output_dir_holding_another_run_is_refused(tmp_path, pf):
+    out = tmp_path / "o"
+    assert invoke("--output", str(out), "--max-steps", "1", "--batch-size", "4").exit_code == 0
+    before = sorted(p.name for p in out.iterdir())
+    r = invoke("--output", str(out), "--max-steps", "1", "--batch-size", "4")
+    assert r.exit_code == 2 and "--resume" in r.stderr
+    r = invoke("--output", str(out), "--max-steps", "1", "--batch-size", "4", "--resume", "--seed", "5")
+    assert r.exit_code == 2 and "different run" in r.stderr and "seed" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    r = invoke("--output", str(other), "--max-steps", "1")
+    assert r.exit_code == 2 and "holds no qdoctor run" in r.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "sig"
+    env = dict(os.environ, QDOCTOR_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qdoctor",
+            "train",
+            "--output",
+            str(out),
+            "--skip-probes",
+            "--max-steps",
+            "100000",
+            "--save-every",
+            "100000",
+            "--batch-size",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+            (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2
+        ):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "checkpoint saved" in stderr
+    st = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert st["step"] >= 2 and (out / "checkpoint" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert not list(out.glob(".checkpoint.tmp-*"))
