@@ -17,6 +17,7 @@ import time
 import traceback
 
 SLEEPER_MARK = "qdoctor-smoke-inject-sleeper"
+_KEEP: list = []  # the injected sleeper's Popen, kept so that it is never garbage-collected with a warning
 
 
 def _inject_before(inject: str | None) -> None:
@@ -27,8 +28,8 @@ def _inject_before(inject: str | None) -> None:
     if inject == "hang":
         # a grandchild that would outlive us if the runner did not kill the whole process group
         mark = os.environ.get("QDOCTOR_SMOKE_MARK", SLEEPER_MARK)
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", mark],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _KEEP.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", mark],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         sys.stderr.write("qdoctor smoke: injected hang\n")
         sys.stderr.flush()
         while True:

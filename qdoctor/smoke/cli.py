@@ -24,21 +24,22 @@ def _progress(enabled: bool):
 
 @click.command()
 @click.option("--probe", "probes", multiple=True, metavar="NAME",
-              help="Run only this probe (repeatable): imports, device, nf4, matmul4bit, lora_step, optim8bit, "
-                   "save_load, precision.")
+              help="Run only this probe (repeatable): imports, device, nf4, matmul4bit, lora_step, "
+                   "optim8bit, save_load, precision.")
 @click.option("--device", default=None, metavar="cpu|cuda:N",
               help="Where the probes compute (default: cuda:0 if the check sees a usable GPU, else cpu).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
               help="Seconds allowed to each probe (and to importing the stack once).")
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Compute dtype of the 4-bit probes (default: bf16 on GPUs that have it, fp16 on older GPUs, "
-                   "fp32 on CPU).")
+              help="Compute dtype of the 4-bit probes (default: bf16 on GPUs that have it, fp16 on older "
+                   "GPUs, fp32 on CPU).")
 @click.option("--jobs", type=click.IntRange(min=1, max=16), default=None, hidden=True)
 @click.option("--isolation", type=click.Choice(["fork", "spawn"]), default=None, hidden=True)
-@click.option("--inject", default=None, hidden=True, help="Fault injection for tests: probe=abort|hang|wrong|raise.")
+@click.option("--inject", default=None, hidden=True,
+              help="Fault injection for tests: probe=abort|hang|wrong|raise, comma-separated.")
 @format_options
-def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_json, fmt, verbose, strict, select,
-          ignore):
+def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_json, fmt, verbose, strict,
+          select, ignore):
     """Prove the QLoRA path works here: small real probes, each in its own process."""
     from qdoctor import matrix
     from qdoctor.facts import collect
@@ -66,8 +67,8 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     show = fmt == "text" or sys.stderr.isatty()
     if show:
         out(f"qdoctor smoke: {len(select_probes(list(probes)))} probe(s) on {dev}\n", err=True)
-    results = run_probes(list(probes) or None, dev, timeout, facts, compute_dtype=compute_dtype, inject=inject,
-                         jobs=jobs, isolation=isolation, progress=_progress(show), matrix=mx)
+    results = run_probes(list(probes) or None, dev, timeout, facts, compute_dtype=compute_dtype,
+                         inject=inject, jobs=jobs, isolation=isolation, progress=_progress(show), matrix=mx)
     findings = check_findings + findings_for(results)
     findings = select_findings(findings, codes_option(select), codes_option(ignore))
     probe_dicts = [r.to_dict() for r in results]

@@ -84,20 +84,16 @@ class Server:
                     sys.stderr.flush()
                 finally:
                     os._exit(code)
-        try:
-            os.setpgid(pid, pid)  # also here: no race with a kill before the child ran setpgid
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # also here: no race with a kill before the child's own setpgid
+            os.setpgid(pid, pid)
         self.running[pid] = {"cmd": cmd, "t0": t0, "deadline": t0 + float(cmd["timeout"]),
                              "out": out_path, "res": res_path}
         self.send({"event": "started", "id": cmd["id"], "probe": cmd["probe"], "pid": pid})
 
     def _finish(self, pid: int, status: int, rusage, timed_out: bool) -> None:
         info = self.running.pop(pid)
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(pid, signal.SIGKILL)  # anything the probe left behind in its group
-        except OSError:
-            pass
         payload = None
         try:
             with open(info["res"]) as fh:
@@ -173,7 +169,8 @@ def main(argv: list[str]) -> None:
     from qdoctor.smoke.preload import cuda_initialized, preload
 
     rec = preload(with_bitsandbytes=preload_bnb)
-    server.send({"event": "ready", "preload": rec, "cuda_initialized": cuda_initialized(), "pid": os.getpid()})
+    server.send({"event": "ready", "preload": rec, "cuda_initialized": cuda_initialized(),
+                 "pid": os.getpid()})
     server.loop()
     import shutil
 

@@ -10,6 +10,7 @@ initialising CUDA for the same reason.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import time
@@ -32,10 +33,8 @@ class _ListHandler(logging.Handler):
         self.sink = sink
 
     def emit(self, record):
-        try:
+        with contextlib.suppress(Exception):  # a logging failure must not break the probe
             self.sink.append(f"{record.name}: {record.levelname}: {record.getMessage()}"[:2000])
-        except Exception:  # a logging failure must not break the probe
-            pass
 
 
 def import_recorded(name: str, record: dict | None = None) -> bool:

@@ -63,7 +63,8 @@ def to_finding(r: ProbeResult) -> Finding | None:
         tail = [ln for ln in r.error.strip().splitlines() if ln.strip()][-3:]
         ev += tail
     if fix is None and r.status in ("fail", "crash", "timeout"):
-        fix = f"rerun `qdoctor smoke --probe {r.probe} -v` and attach `qdoctor smoke --format markdown` to a report"
+        fix = (f"rerun `qdoctor smoke --probe {r.probe} -v`; if it persists, attach "
+               "`qdoctor smoke --format markdown` to a bug report")
     sev = "info" if r.status == "skip" else "error"
     return Finding(code_for(r.probe, r.status), sev, title, ev, fix, "smoke")
 

@@ -52,7 +52,8 @@ def parse_inject(spec: str | None) -> dict[str, str]:
         name, _, kind = part.partition("=")
         name, kind = name.strip(), kind.strip()
         if name not in PROBES or kind not in INJECTIONS:
-            raise ProbeUsageError(f"bad fault injection {part.strip()!r} (probe=one of {', '.join(INJECTIONS)})")
+            raise ProbeUsageError(f"bad fault injection {part.strip()!r} "
+                                  f"(use probe=one of {', '.join(INJECTIONS)})")
         out[name] = kind
     return out
 
@@ -170,7 +171,10 @@ def _tail_lines(text: str, n: int = 30) -> str:
 
 
 def build_result(probe: str, raw: dict, matrix: dict) -> ProbeResult:
-    """raw: {"kind": ok|crash|timeout|error, payload, signal, returncode, output_tail, duration_s, maxrss_mib}."""
+    """Turn what a probe process left (raw) into a judged ProbeResult.
+
+    raw: {"kind": ok|crash|timeout|error, payload, signal, returncode, output_tail, duration_s, maxrss_mib}.
+    """
     payload = raw.get("payload") or {}
     tail = raw.get("output_tail") or ""
     m = payload.get("measurements") or {}
@@ -183,7 +187,8 @@ def build_result(probe: str, raw: dict, matrix: dict) -> ProbeResult:
         r.peak_cuda_mib = round(r.peak_cuda_mib, 1)
     kind = raw.get("kind")
     if kind == "timeout":
-        r.status, r.reason = "timeout", f"no result within {raw.get('timeout', '?')} s; its process group was killed"
+        r.status = "timeout"
+        r.reason = f"no result within {raw.get('timeout', '?')} s; its process group was killed"
         r.error = _tail_lines(tail) or None
     elif kind == "crash" or (kind == "error" and not payload):
         sig = raw.get("signal")
@@ -201,9 +206,9 @@ def build_result(probe: str, raw: dict, matrix: dict) -> ProbeResult:
     else:
         r.failed_checks = verdict.judge(probe, m, matrix.get("smoke_bands", {}))
         if r.failed_checks:
+            more = len(r.failed_checks) - 1
             r.status = "fail"
-            r.reason = r.failed_checks[0] + (f" (+{len(r.failed_checks) - 1} more)" if len(r.failed_checks) > 1
-                                              else "")
+            r.reason = r.failed_checks[0].split(" (")[0] + (f" (+{more} more)" if more else "")
     if r.status != "pass":
         text = "\n".join(x for x in (r.error, tail, m.get("bnb_load_error"), "\n".join(m.get("logs") or []))
                          if x)
@@ -236,9 +241,9 @@ class SpawnBackend:
             cr = run_module_function("qdoctor.smoke.child", "run_one",
                                      {"probe": probe, "target": PROBES[probe].target, "ctx": ctx}, timeout)
             kind = {"ok": "ok", "error": "error", "crash": "crash", "timeout": "timeout"}[cr.status]
-            self.q.put({"id": rid, "probe": probe, "kind": kind, "payload": cr.payload, "signal": cr.signal_name,
-                        "returncode": cr.returncode, "output_tail": cr.stderr[-6000:],
-                        "duration_s": cr.duration_s, "timeout": timeout})
+            self.q.put({"id": rid, "probe": probe, "kind": kind, "payload": cr.payload,
+                        "signal": cr.signal_name, "returncode": cr.returncode,
+                        "output_tail": cr.stderr[-6000:], "duration_s": cr.duration_s, "timeout": timeout})
 
         t = threading.Thread(target=work, daemon=True)
         t.start()

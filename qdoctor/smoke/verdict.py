@@ -33,7 +33,10 @@ def judge(probe: str, measurements: dict, bands: dict) -> list[str]:
             continue
         lo, hi = c.get("min"), c.get("max")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
-            band = f"[{_fmt(lo) if lo is not None else '-inf'}, {_fmt(hi) if hi is not None else 'inf'}]"
+            if lo is not None and hi is not None:
+                band = f"in [{_fmt(lo)}, {_fmt(hi)}]"
+            else:
+                band = f">= {_fmt(lo)}" if lo is not None else f"<= {_fmt(hi)}"
             side = "too low" if lo is not None and v < lo else "too high"
             failed.append(f"{key} = {_fmt(v)} {side}, expected {band} ({why})")
     return failed

@@ -12,7 +12,7 @@ def _g(v, fmt="{:.3g}") -> str:
 def key_numbers(r: ProbeResult) -> str:
     m = r.measurements or {}
     p = r.probe
-    if r.status == "skip":
+    if r.status != "pass":
         return r.reason or ""
     if p == "imports":
         lib = m.get("bnb_library_class") or "-"
@@ -21,8 +21,9 @@ def key_numbers(r: ProbeResult) -> str:
         devs = m.get("devices") or []
         return f"{len(devs)} device(s), matmul rel err {_g(m.get('rel_err'))}"
     if p == "nf4":
-        return (f"rel err nf4 {_g(m.get('nf4_rel_err'), '{:.4f}')} / +dq {_g(m.get('nf4_dq_rel_err'), '{:.4f}')},"
-                f" fp4 {_g(m.get('fp4_rel_err'), '{:.4f}')} / +dq {_g(m.get('fp4_dq_rel_err'), '{:.4f}')}")
+        f4 = "{:.4f}"
+        return (f"rel err nf4 {_g(m.get('nf4_rel_err'), f4)} / +dq {_g(m.get('nf4_dq_rel_err'), f4)},"
+                f" fp4 {_g(m.get('fp4_rel_err'), f4)} / +dq {_g(m.get('fp4_dq_rel_err'), f4)}")
     if p == "matmul4bit":
         return f"{m.get('compute_dtype', '-')}, rel err {_g(m.get('rel_err'))}"
     if p == "lora_step":
@@ -63,7 +64,7 @@ def text_table(results: list[ProbeResult]) -> list[str]:
     widths = [max(len(row[i]) for row in data) for i in range(4)]
     lines = []
     for row in data:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
     return lines
 
 

@@ -56,7 +56,8 @@ def device(ctx) -> dict:
         entry = {"device": t}
         if dev.type == "cuda":
             entry["name"] = torch.cuda.get_device_name(dev)
-            entry["capability"] = "%d.%d" % torch.cuda.get_device_capability(dev)
+            major, minor = torch.cuda.get_device_capability(dev)
+            entry["capability"] = f"{major}.{minor}"
             free, total = torch.cuda.mem_get_info(dev)
             entry["free_mib"], entry["total_mib"] = free // 2**20, total // 2**20
         out = ctx.corrupt(a.to(dev) @ b.to(dev))

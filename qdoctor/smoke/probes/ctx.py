@@ -1,4 +1,4 @@
-"""The probe context: what the runner tells a probe (device, dtype, seed, fault injection). No torch import."""
+"""The probe context: what the runner tells a probe (device, dtype, seed, faults). No torch import."""
 
 from __future__ import annotations
 

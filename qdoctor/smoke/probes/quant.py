@@ -33,7 +33,8 @@ def matmul4bit(ctx) -> dict:
     dtype = ctx.dtype()
     torch.manual_seed(ctx.seed)
     lin = torch.nn.Linear(512, 256, bias=True)
-    q = bnb.nn.Linear4bit(512, 256, bias=True, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+    q = bnb.nn.Linear4bit(512, 256, bias=True, compute_dtype=dtype, compress_statistics=True,
+                          quant_type="nf4")
     q.load_state_dict(lin.state_dict())
     q = q.to(dev)
     x = torch.randn(8, 512, generator=torch.Generator(device="cpu").manual_seed(ctx.seed + 1)).to(dev, dtype)

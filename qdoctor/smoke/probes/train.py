@@ -32,7 +32,7 @@ def _snapshot_4bit(model) -> dict:
 
 
 def lora_step(ctx) -> dict:
-    """N steps of LoRA on a 4-bit tiny Llama with non-reentrant checkpointing: what moves and what must not."""
+    """N LoRA steps on a 4-bit tiny Llama, non-reentrant checkpointing: what moves and what must not."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
