@@ -112,6 +112,12 @@ def test_spawn_isolation_kills_a_hung_probe_and_its_child():
     assert _orphans(mark) == []
 
 
+def test_fork_server_death_is_a_crash_and_the_rest_still_runs():
+    rs = {r.probe: r for r in run_probes(["nf4", "precision"], "cpu", 60, inject={"nf4": "killserver"})}
+    assert rs["nf4"].status == "crash" and "fork server" in rs["nf4"].reason
+    assert rs["precision"].status == "pass" and rs["precision"].measurements["isolation"] == "spawn"
+
+
 def test_usage_errors_exit_2_in_one_line():
     for args in (["--probe", "nf5"], ["--device", "cuda:7"], ["--device", "tpu"]):
         p = subprocess.run([sys.executable, "-m", "qdoctor", "smoke", *args], capture_output=True, text=True,

@@ -34,6 +34,11 @@ def _inject_before(inject: str | None) -> None:
         sys.stderr.flush()
         while True:
             time.sleep(60)
+    if inject == "killserver":  # the fork server dies under a running probe
+        import signal
+
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(30)
     if inject == "raise":
         raise RuntimeError("qdoctor smoke: injected error")
 

@@ -32,7 +32,7 @@ from qdoctor.smoke.result import ProbeResult
 
 INJECT_ENV = "QDOCTOR_SMOKE_INJECT"
 ISOLATION_ENV = "QDOCTOR_SMOKE_ISOLATION"
-INJECTIONS = ("abort", "hang", "wrong", "raise")
+INJECTIONS = ("abort", "hang", "wrong", "raise", "killserver")
 CUDA_FORK_ERRORS = ("Cannot re-initialize CUDA in forked subprocess", "CUDA_ERROR_NOT_INITIALIZED",
                     "initialization error")
 
@@ -193,8 +193,12 @@ def build_result(probe: str, raw: dict, matrix: dict) -> ProbeResult:
     elif kind == "crash" or (kind == "error" and not payload):
         sig = raw.get("signal")
         r.status = "crash"
-        r.reason = f"the probe process was killed by {sig}" if sig else (
-            f"the probe process exited with code {raw.get('returncode')} without a result")
+        if sig:
+            r.reason = f"the probe process was killed by {sig}"
+        elif raw.get("returncode") is not None:
+            r.reason = f"the probe process exited with code {raw.get('returncode')} without a result"
+        else:
+            r.reason = (tail.strip().splitlines() or ["the probe process ended without a result"])[-1][:300]
         r.error = _tail_lines(tail) or None
     elif payload.get("error"):
         r.status = "fail"
@@ -359,6 +363,13 @@ class ForkBackend:
                 f.close()
 
 
+def _orphaned(running: dict, backend, kind: str, why: str) -> list[dict]:
+    """Raw results for the probes a dead or stuck back-end still owed."""
+    return [{"id": rid, "probe": name, "kind": kind, "payload": None, "signal": None, "returncode": None,
+             "output_tail": why, "duration_s": time.monotonic() - t0, "timeout": None}
+            for rid, (name, b, t0) in running.items() if b is backend]
+
+
 def default_jobs() -> int:
     """Probes in flight at once: 1 on small machines (2 cores: imports are shared anyway), up to 4."""
     n = os.cpu_count() or 1
@@ -412,6 +423,7 @@ def run_probes(names: list[str] | None, device: str, timeout: float, facts: dict
         except OSError as e:
             backend, fallback_note = None, f"fork server could not start ({e}); probes were spawned"
     spawn = SpawnBackend()
+    fork = backend
     if backend is None:
         backend = spawn
 
@@ -424,10 +436,9 @@ def run_probes(names: list[str] | None, device: str, timeout: float, facts: dict
             for name in list(pending):
                 if len(running) >= jobs:
                     break
-                deps = [d for d in ("imports", "device") if d in order and d != name
-                        and order.index(d) < order.index(name)]
-                if name == "device":
-                    deps = [d for d in deps if d == "imports"]
+                # device needs only torch, so it runs beside imports; the rest wait for both
+                deps = [] if name == "device" else [d for d in ("imports", "device")
+                                                     if d in order and d != name]
                 if any(d not in done for d in deps):
                     continue
                 why = dependency_skip(name, done)
@@ -439,15 +450,28 @@ def run_probes(names: list[str] | None, device: str, timeout: float, facts: dict
                 rid += 1
                 ctx = {"device": device, "compute_dtype": compute_dtype, "inject": inj.get(name)}
                 backend.start(rid, name, ctx, timeout)
-                running[rid] = (name, backend)
+                running[rid] = (name, backend, time.monotonic())
                 note("start", name, None)
             if not running:
                 continue
             events = []
-            for b in {id(b): b for _, b in running.values()}.values():
-                events += b.wait(0.05 if len(running) > 1 else 0.5)
+            for b in {id(b): b for _, b, _ in running.values()}.values():
+                try:
+                    events += b.wait(0.05 if len(running) > 1 else 0.5)
+                except ForkServerFailed as e:  # the server died under its probes: they count as crashed
+                    events += _orphaned(running, b, "crash", f"{e}; the probe's result was lost")
+                    b.close()
+                    backend = spawn
+                    continue
+                # the fork server enforces timeouts; if it is itself stuck, the parent does
+                late = [rid_ for rid_, (_, b_, t0) in running.items()
+                        if b_ is b and b is not spawn and time.monotonic() - t0 > timeout + 30]
+                if late:
+                    events += _orphaned(running, b, "timeout", "the fork server stopped answering")
+                    b.close()
+                    backend = spawn
             for ev in events:
-                name, b = running.pop(ev["id"])
+                name, b, _ = running.pop(ev["id"])
                 r = build_result(name, ev, mx)
                 tail = (ev.get("output_tail") or "") + str((ev.get("payload") or {}).get("error") or "")
                 forked_cuda = b is not spawn and device.startswith("cuda")
@@ -457,17 +481,17 @@ def run_probes(names: list[str] | None, device: str, timeout: float, facts: dict
                     rid += 1
                     spawn.start(rid, name, {"device": device, "compute_dtype": compute_dtype,
                                             "inject": inj.get(name)}, timeout)
-                    running[rid] = (name, spawn)
+                    running[rid] = (name, spawn, time.monotonic())
                     continue
-                if name == "imports" and b is not spawn:
-                    r.duration_s = round(r.duration_s + backend.preload_s, 3)
-                    r.measurements["shared_import_s"] = backend.preload_s
+                if name == "imports" and b is not spawn and isinstance(b, ForkBackend):
+                    r.duration_s = round(r.duration_s + b.preload_s, 3)
+                    r.measurements["shared_import_s"] = b.preload_s
                 r.measurements.setdefault("isolation", "spawn" if b is spawn else "fork")
                 done[name] = r
                 note("done", name, r)
     finally:
-        if backend is not spawn:
-            backend.close()
+        if fork is not None:
+            fork.close()
         spawn.close()
     results = [done[n] for n in order]
     if fallback_note:

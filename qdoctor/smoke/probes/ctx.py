@@ -10,7 +10,7 @@ class Ctx:
     device: str = "cpu"  # "cpu" | "cuda:N"
     compute_dtype: str | None = None  # None: chosen for the device (see choose_compute_dtype)
     seed: int = 0
-    inject: str | None = None  # fault injection for tests: "abort" | "hang" | "wrong" | "raise"
+    inject: str | None = None  # fault injection for tests (runner.INJECTIONS)
     workdir: str | None = None  # a private temporary directory
     extra: dict = field(default_factory=dict)
 
