@@ -42,6 +42,17 @@ def text_of(findings, code: str) -> str:
 
 # snapshot -> (errors, warnings, {code: [words that must appear in its title/evidence/fix]})
 SNAPSHOTS = {
+    # h200-cu130 is the real `qdoctor check --deep --json` of the H200 machine; h200-synthetic is the same
+    # machine written by hand from shared/facts (the clean base the variants below modify).
+    "h200-synthetic": (
+        set(),
+        set(),
+        {
+            "QD200": ["580.159.04", "CUDA 13.0", "NVIDIA H200", "sm_90", "140 GiB"],
+            "QD300": ["2.11.0+cu130"],
+            "QD400": ["cuda130", "GPU 0 (sm_90)"],
+        },
+    ),
     "h200-cu130": (
         set(),
         set(),
@@ -193,7 +204,7 @@ BNB047_BINS = {
 # id -> (facts, errors, warnings, {code: words})
 VARIANTS = {
     "python-3.9": (
-        variant("h200-cu130", **{"platform.python": "3.9.18"}),
+        variant("h200-synthetic", **{"platform.python": "3.9.18"}),
         {"QD505"},
         {"QD101"},
         {"QD101": ["3.9.18", "3.10"], "QD505": ["transformers 5.17.0", ">=3.10"]},
@@ -219,7 +230,7 @@ VARIANTS = {
     ),
     "collector-failed": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{"collectors.torch": {"ok": False, "duration_ms": 3000.0, "error": "timed out after 3 s"}},
         ),
         set(),
@@ -228,7 +239,7 @@ VARIANTS = {
     ),
     "nvml-error": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{
                 "nvidia.status": "error",
                 "nvidia.error": "Driver/library version mismatch",
@@ -273,7 +284,7 @@ VARIANTS = {
     ),
     "torch-missing-gpu": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{"torch": {"installed": False, "version": None, "cuda": None}, "packages.torch": _DEL},
         ),
         {"QD301"},
@@ -281,20 +292,20 @@ VARIANTS = {
         {"QD301": ["whl/cu130", "torch==2.14.*"]},
     ),
     "torch-import-error": (
-        variant("h200-cu130", **{"torch.error": "ImportError: libtorch_cuda.so: cannot open"}),
+        variant("h200-synthetic", **{"torch.error": "ImportError: libtorch_cuda.so: cannot open"}),
         {"QD304"},
         set(),
         {"QD304": ["libtorch_cuda.so", "--force-reinstall"]},
     ),
     "torch-cuda-unavailable": (
-        variant("h200-cu130", **{"torch.cuda_available": False, "torch.source": "runtime"}),
+        variant("h200-synthetic", **{"torch.cuda_available": False, "torch.source": "runtime"}),
         {"QD305"},
         set(),
         {"QD305": ["is_available", "torch.cuda.init()"]},
     ),
     "rocm-torch-nvidia": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{
                 "torch.cuda": None,
                 "torch.hip": "6.4",
@@ -308,14 +319,14 @@ VARIANTS = {
         {"QD302": ["ROCm", "whl/cu130"]},
     ),
     "bnb-missing": (
-        variant("h200-cu130", **{"bitsandbytes": {"installed": False}, "packages.bitsandbytes": _DEL}),
+        variant("h200-synthetic", **{"bitsandbytes": {"installed": False}, "packages.bitsandbytes": _DEL}),
         {"QD401"},
         set(),
         {"QD401": ["pip install -U bitsandbytes"]},
     ),
     "bnb-no-lib-facts": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{
                 "bitsandbytes.version": "0.47.0",
                 "packages.bitsandbytes": "0.47.0",
@@ -329,7 +340,7 @@ VARIANTS = {
     ),
     "bnb-no-lib-matrix": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{"bitsandbytes": {"installed": True, "version": "0.45.5"}, "packages.bitsandbytes": "0.45.5"},
         ),
         {"QD402", "QD503"},
@@ -338,7 +349,7 @@ VARIANTS = {
     ),
     "bnb-missing-deps": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{"bitsandbytes.binaries.cuda130.missing_deps": ["libcudart.so.13", "libcublas.so.13"]},
         ),
         {"QD405"},
@@ -346,7 +357,7 @@ VARIANTS = {
         {"QD405": ["libcudart.so.13", "nvidia-cuda-runtime-cu13"]},
     ),
     "bnb-cpu-lib-cuda-torch": (
-        variant("h200-cu130", **{"bitsandbytes.selected": "cpu"}),
+        variant("h200-synthetic", **{"bitsandbytes.selected": "cpu"}),
         {"QD407"},
         set(),
         {"QD407": ["CPU library", "CUDA 13.0"]},
@@ -361,7 +372,7 @@ VARIANTS = {
     ),
     "bnb-ancient": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{"bitsandbytes": {"installed": True, "version": "0.37.2"}, "packages.bitsandbytes": "0.37.2"},
         ),
         {"QD410", "QD503"},
@@ -370,7 +381,7 @@ VARIANTS = {
     ),
     "torch-below-bnb-min": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{
                 "torch.version": "2.3.1+cu121",
                 "packages.torch": "2.3.1+cu121",
@@ -386,10 +397,10 @@ VARIANTS = {
     ),
     "cvd-hides-all-visible-flag": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{
                 "env.CUDA_VISIBLE_DEVICES": "",
-                "nvidia.gpus.0": {**load("h200-cu130")["nvidia"]["gpus"][0], "visible": False},
+                "nvidia.gpus.0": {**load("h200-synthetic")["nvidia"]["gpus"][0], "visible": False},
             },
         ),
         set(),
@@ -405,7 +416,7 @@ VARIANTS = {
     "cvd-hides-the-v100": (variant("mixed-gpus", **{"env.CUDA_VISIBLE_DEVICES": "0"}), set(), set(), {}),
     "bnb-override-exists": (
         variant(
-            "h200-cu130",
+            "h200-synthetic",
             **{
                 "env.BNB_CUDA_VERSION": "128",
                 "bitsandbytes.override": "128",

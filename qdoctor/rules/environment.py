@@ -251,7 +251,7 @@ def credentials(facts, matrix):
         Finding(
             "QD607",
             "info",
-            f"credentials in the environment (values redacted): {', '.join(names)}",
+            f"credential-like variables set (values redacted everywhere): {', '.join(names)}",
             [f"env.{k} = ***" for k in names],
             None,
             AREA,

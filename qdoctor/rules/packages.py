@@ -26,6 +26,10 @@ def _stack(matrix) -> list[str]:
     return list(((matrix.get("packages") or {}).get("stack") or {}).get("core", []))
 
 
+def _neighbours(matrix) -> list[str]:
+    return list(((matrix.get("packages") or {}).get("stack") or {}).get("neighbours", []))
+
+
 @rule("QD500", "packages-summary", AREA)
 def packages_summary(facts, matrix):
     """One line with the versions of the QLoRA stack, shown when no conflict or known-bad combination
@@ -38,7 +42,7 @@ def packages_summary(facts, matrix):
         Finding(
             "QD500",
             "ok",
-            ", ".join(shown) + ": no known conflicts" if shown else "no known conflicts",
+            ", ".join(shown) + ": no conflicts in the stack" if shown else "no conflicts in the stack",
             [f"{len(pk)} distributions inspected", "packages.toml known-bad combinations: none match"],
             None,
             AREA,
@@ -49,8 +53,10 @@ def packages_summary(facts, matrix):
 @rule("QD501", "duplicate-distributions", AREA)
 def conflicts(facts, matrix):
     """Two installed distributions provide the same module (e.g. bitsandbytes and bitsandbytes-cuda117):
-    their files overwrite each other and which one imports is an accident. Error; uninstall both and
-    reinstall the one that is named after the module."""
+    their files overwrite each other and which one imports is an accident. Error when the module belongs
+    to the QLoRA stack (uninstall both, reinstall the one named after the module); info otherwise, since
+    a clash between unrelated packages cannot break training."""
+    core = {_norm(n) for n in _stack(matrix)} | {_norm(n) for n in _neighbours(matrix)}
     out = []
     for c in facts.get("conflicts") or []:
         if not isinstance(c, dict):
@@ -60,13 +66,20 @@ def conflicts(facts, matrix):
             continue
         keep = next((d for d in dists if _norm(d) == _norm(mod)), dists[0])
         pk = _pkgs(facts)
+        versions = c.get("versions") or []
+        vers = [versions[i] if i < len(versions) and versions[i] else pk.get(_norm(d), "?")
+                for i, d in enumerate(dists)]
+        in_stack = _norm(mod) in core or any(_norm(d) in core for d in dists)
+        fix = (f"pip uninstall -y {' '.join(dists)} && pip install -U {keep}" if in_stack
+               else f"pip install --force-reinstall --no-deps {keep}=={vers[dists.index(keep)]}")
         out.append(
             Finding(
                 "QD501",
-                "error",
-                f"module '{mod}' is provided by {len(dists)} distributions: {', '.join(dists)}",
-                [f"conflicts: {mod} <- " + ", ".join(f"{d} {pk.get(_norm(d), '?')}" for d in dists)],
-                f"pip uninstall -y {' '.join(dists)} && pip install -U {keep}",
+                "error" if in_stack else "info",
+                f"module '{mod}' is provided by {len(dists)} distributions: {', '.join(dists)}"
+                + ("" if in_stack else " (not part of the QLoRA stack)"),
+                [f"conflicts: {mod} <- " + ", ".join(f"{d} {v}" for d, v in zip(dists, vers))],
+                fix,
                 AREA,
             )
         )
