@@ -36,14 +36,14 @@ def format_options(f):
                      help="Output format (markdown is made for bug reports).")(f)
     f = click.option("-v", "--verbose", is_flag=True, help="Show the evidence under every line.")(f)
     f = click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")(f)
-    f = click.option("--select", default=None, help="Only these codes or prefixes, comma-separated (QD3,QD401).")(f)
+    f = click.option("--select", default=None, help="Only these codes/prefixes (QD3,QD401).")(f)
     f = click.option("--ignore", default=None, help="Drop these codes or prefixes, comma-separated.")(f)
     return f
 
 
 def resolve_format(as_json: bool, fmt: str | None) -> str:
     if as_json and fmt not in (None, "json"):
-        raise click.UsageError("--json and --format %s contradict each other" % fmt)
+        raise click.UsageError(f"--json and --format {fmt} contradict each other")
     return "json" if as_json else (fmt or "text")
 
 
@@ -58,7 +58,7 @@ def cli():
               help="Judge a saved snapshot (a --json output or a facts object) instead of this machine.")
 @click.option("--deep", is_flag=True,
               help="Also import torch and bitsandbytes in a child process (slower; result cached).")
-@click.option("--refresh", is_flag=True, help="With --deep: ignore the cached result and run the child again.")
+@click.option("--refresh", is_flag=True, help="With --deep: ignore the cached result, run the child again.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
               help="Seconds allowed to the child process of --deep.")
 @click.option("--save-facts", type=click.Path(dir_okay=False, writable=True), default=None,

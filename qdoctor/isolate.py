@@ -7,6 +7,7 @@ ever sees a `ChildResult`, never an exception from the child.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,10 +55,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):
-        try:
+        with contextlib.suppress(OSError):
             proc.kill()
-        except OSError:
-            pass
 
 
 def run_python(
@@ -97,10 +96,8 @@ def run_python(
     finally:
         # The child may have left grandchildren in its group: end them too.
         if proc.poll() is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, OSError):
-                pass
     dt = time.perf_counter() - t0
     rc = proc.returncode
     payload = _parse_payload(out)

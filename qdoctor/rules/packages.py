@@ -78,7 +78,7 @@ def conflicts(facts, matrix):
                 "error" if in_stack else "info",
                 f"module '{mod}' is provided by {len(dists)} distributions: {', '.join(dists)}"
                 + ("" if in_stack else " (not part of the QLoRA stack)"),
-                [f"conflicts: {mod} <- " + ", ".join(f"{d} {v}" for d, v in zip(dists, vers))],
+                [f"conflicts: {mod} <- " + ", ".join(f"{d} {v}" for d, v in zip(dists, vers, strict=False))],
                 fix,
                 AREA,
             )
