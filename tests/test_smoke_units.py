@@ -216,10 +216,10 @@ def test_bad_devices_are_usage_errors():
 
 
 def test_cuda_visible_devices_limits_the_count():
-    f = facts_of("h200-cu130.json")
+    f = facts_of("h200-synthetic.json")  # static facts: no runtime device_count, no per-GPU `visible`
     f["env"]["CUDA_VISIBLE_DEVICES"] = ""
     assert visible_gpu_count(f) == 0 and default_device(f) == "cpu"
-    f["nvidia"]["gpus"] = f["nvidia"]["gpus"] * 4
+    f["nvidia"]["gpus"] = [{**f["nvidia"]["gpus"][0], "index": i} for i in range(4)]
     f["env"]["CUDA_VISIBLE_DEVICES"] = "2,3"
     assert visible_gpu_count(f) == 2
     with pytest.raises(ProbeUsageError):

@@ -68,26 +68,18 @@ def select_probes(names) -> list[str]:
 
 
 def visible_gpu_count(facts: dict | None) -> int | None:
-    """GPUs a CUDA program here would see, or None when the facts cannot tell."""
+    """GPUs a CUDA program here would see, or None when the facts cannot tell: torch's own count
+    when --deep ran, else NVML's GPUs filtered by CUDA_VISIBLE_DEVICES (the rules' reading)."""
+    from qdoctor.rules.common import visible_gpus
+
     if not facts:
         return None
     t = facts.get("torch") or {}
     if isinstance(t.get("device_count"), int):
         return t["device_count"]
-    gpus = (facts.get("nvidia") or {}).get("gpus")
-    if gpus is None:
+    if (facts.get("nvidia") or {}).get("gpus") is None:
         return None
-    n = len(gpus)
-    cvd = (facts.get("env") or {}).get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None:
-        ids = [x.strip() for x in cvd.split(",")]
-        valid = 0
-        for x in ids:  # CUDA stops at the first invalid entry
-            if not x or x.startswith("-"):
-                break
-            valid += 1
-        n = min(n, valid)
-    return n
+    return len(visible_gpus(facts))
 
 
 def cuda_usable(facts: dict | None) -> bool:
