@@ -47,7 +47,24 @@ def resolve_format(as_json: bool, fmt: str | None) -> str:
     return "json" if as_json else (fmt or "text")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """`smoke` and `train` live in their own modules and are imported only when invoked, so that
+    `qdoctor check` does not pay for them at start-up."""
+
+    lazy = {"smoke": "qdoctor.smoke.cli", "train": "qdoctor.train.cli"}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy and name not in self.commands:
+            import importlib
+
+            self.add_command(getattr(importlib.import_module(self.lazy[name]), name))
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qdoctor")
 def cli():
     """Can this machine fine-tune an LLM with QLoRA? check -> smoke -> train."""
@@ -124,23 +141,6 @@ def rules_cmd(fmt):
     from qdoctor.rulesdoc import render_rules
 
     out(render_rules(load_rules(), fmt))
-
-
-def _register_optional():
-    """smoke and train live in their own modules; register them when present."""
-    import importlib
-
-    for mod, name in (("qdoctor.smoke.cli", "smoke"), ("qdoctor.train.cli", "train")):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name and (e.name == mod or mod.startswith(e.name + ".")):
-                continue
-            raise
-        cli.add_command(getattr(m, name))
-
-
-_register_optional()
 
 
 def main(argv=None):

@@ -60,6 +60,11 @@ def main(argv=None) -> int:
         cases["python -m bitsandbytes"] = ([py, "-m", "bitsandbytes"], None)
         cases["python -m torch.utils.collect_env"] = ([py, "-m", "torch.utils.collect_env"], None)
 
+    # A wheel install byte-compiles qdoctor (pip --compile is the default), as it did torch and
+    # bitsandbytes; an editable checkout under PYTHONDONTWRITEBYTECODE=1 would recompile every run.
+    pkg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "qdoctor")
+    subprocess.run([py, "-m", "compileall", "-q", pkg], check=False, stdout=subprocess.DEVNULL,
+                   env=dict(env, PYTHONDONTWRITEBYTECODE=""))
     # warm-up: fill the cache (one deep run) and the OS page cache; not measured
     clear()
     run(qdoctor + ["check", "--deep"], env)
