@@ -163,12 +163,13 @@ class Server:
 
 def main(argv: list[str]) -> None:
     event_fd, preload_bnb = int(argv[0]), argv[1] == "1"
+    extras = len(argv) < 3 or argv[2] == "1"
     _pdeathsig()
     os.dup2(2, 1)  # library prints must not reach the event channel; it is a separate fd anyway
     server = Server(event_fd)
     from qdoctor.smoke.preload import cuda_initialized, preload
 
-    rec = preload(with_bitsandbytes=preload_bnb)
+    rec = preload(with_bitsandbytes=preload_bnb, extras=extras)
     server.send({"event": "ready", "preload": rec, "cuda_initialized": cuda_initialized(),
                  "pid": os.getpid()})
     server.loop()

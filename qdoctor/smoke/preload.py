@@ -58,14 +58,14 @@ def import_recorded(name: str, record: dict | None = None) -> bool:
         logging.getLogger().removeHandler(handler)
 
 
-def preload(with_bitsandbytes: bool = True) -> dict:
-    """Import the stack (bitsandbytes only if asked) and the heavy submodules; never raises."""
+def preload(with_bitsandbytes: bool = True, extras: bool = True) -> dict:
+    """Import the stack (bitsandbytes only if asked) and, if asked, the heavy submodules; never raises."""
     t0 = time.perf_counter()
     for name in STACK:
         if name in BNB_IMPORTERS and not with_bitsandbytes:
             continue
         import_recorded(name)
-    for name in EXTRA:
+    for name in EXTRA if extras else ():
         top = name.split(".")[0]
         if RECORD["modules"].get(top, {}).get("ok"):
             import_recorded(name, {"modules": {}, "warnings": RECORD["warnings"], "logs": RECORD["logs"]})
