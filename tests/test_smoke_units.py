@@ -7,6 +7,7 @@ image, paged optimizer refused, CUDA devices) is covered on a CPU machine.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,40 @@ def test_dependency_skips():
     assert "crashed" in dependency_skip("device", {"imports": crashed})
     dev_fail = ProbeResult("device", "fail")
     assert "device probe failed" in dependency_skip("lora_step", {"device": dev_fail})
+
+
+def _fake_pynvml(caps):
+    import types
+
+    m = types.SimpleNamespace()
+    m.nvmlInit = lambda: None
+    m.nvmlShutdown = lambda: None
+    m.nvmlDeviceGetCount = lambda: len(caps)
+    m.nvmlDeviceGetHandleByIndex = lambda i: i
+    m.nvmlDeviceGetCudaComputeCapability = lambda h: caps[h]
+    return m
+
+
+def test_bnb_capability_query_is_answered_by_nvml_and_restored(monkeypatch):
+    import torch
+
+    from qdoctor.smoke.preload import capability_from_nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([(9, 0), (9, 0)]))
+    real = torch.cuda.get_device_capability
+    with capability_from_nvml():
+        assert torch.cuda.get_device_capability(torch.device("cuda", 1)) == (9, 0)
+        assert not torch.cuda.is_initialized()
+    assert torch.cuda.get_device_capability is real
+
+
+def test_mixed_gpus_are_not_patched(monkeypatch):
+    import torch
+
+    from qdoctor.smoke.preload import capability_from_nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([(7, 0), (9, 0)]))
+    real = torch.cuda.get_device_capability
+    with pytest.raises(RuntimeError, match="differ"), capability_from_nvml():
+        pass
+    assert torch.cuda.get_device_capability is real

@@ -162,7 +162,8 @@ class Server:
 
 
 def main(argv: list[str]) -> None:
-    event_fd, preload_bnb = int(argv[0]), argv[1] == "1"
+    event_fd = int(argv[0])
+    preload_bnb = {"1": True, "0": False}.get(argv[1], argv[1])  # or "nvml"
     extras = len(argv) < 3 or argv[2] == "1"
     _pdeathsig()
     os.dup2(2, 1)  # library prints must not reach the event channel; it is a separate fd anyway

@@ -58,11 +58,58 @@ def import_recorded(name: str, record: dict | None = None) -> bool:
         logging.getLogger().removeHandler(handler)
 
 
-def preload(with_bitsandbytes: bool = True, extras: bool = True) -> dict:
-    """Import the stack (bitsandbytes only if asked) and, if asked, the heavy submodules; never raises."""
+def _nvml_capabilities() -> list[tuple[int, int]]:
+    """Compute capability of every GPU, read through NVML: no CUDA context is created."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return sorted(tuple(pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                      for i in range(pynvml.nvmlDeviceGetCount()))
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@contextlib.contextmanager
+def capability_from_nvml():
+    """While bitsandbytes imports, answer torch.cuda.get_device_capability from NVML.
+
+    bitsandbytes asks each GPU's capability at import (cuda_specs.get_compute_capabilities) and
+    torch answers by initialising CUDA, after which a forked probe cannot use the GPU. Its library
+    choice depends on torch's CUDA version, not on the answer, so when every GPU has the same
+    capability NVML's answer is exact and the import costs no CUDA context. Otherwise nothing is
+    patched (the caller then leaves bitsandbytes to each probe).
+    """
+    import torch
+
+    caps = _nvml_capabilities()
+    if not caps or caps[0] != caps[-1]:
+        raise RuntimeError("GPUs differ in compute capability")
+    real = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda device=None: caps[-1]
+    try:
+        yield
+    finally:
+        torch.cuda.get_device_capability = real
+
+
+def preload(with_bitsandbytes: bool | str = True, extras: bool = True) -> dict:
+    """Import the stack (bitsandbytes: True, False, or "nvml" = import it without creating a CUDA
+    context, see capability_from_nvml) and, if asked, the heavy submodules; never raises."""
     t0 = time.perf_counter()
+    if with_bitsandbytes == "nvml":
+        try:
+            if not import_recorded("torch"):
+                raise RuntimeError("torch did not import")
+            with capability_from_nvml():
+                with_bitsandbytes = import_recorded("bitsandbytes") and not cuda_initialized()
+        except Exception as e:  # no NVML, mixed GPUs: leave bitsandbytes to each probe
+            RECORD["logs"].append(f"qdoctor: bitsandbytes not preloaded ({e})")
+            with_bitsandbytes = False
+        if not with_bitsandbytes:
+            RECORD["modules"].pop("bitsandbytes", None)
     for name in STACK:
-        if name in BNB_IMPORTERS and not with_bitsandbytes:
+        if (name in BNB_IMPORTERS and not with_bitsandbytes) or name in RECORD["modules"]:
             continue
         import_recorded(name)
     for name in EXTRA if extras else ():

@@ -32,6 +32,7 @@ from qdoctor.smoke.result import ProbeResult
 
 INJECT_ENV = "QDOCTOR_SMOKE_INJECT"
 ISOLATION_ENV = "QDOCTOR_SMOKE_ISOLATION"
+PRELOAD_BNB_ENV = "QDOCTOR_SMOKE_PRELOAD_BNB"  # "1", "0" or "nvml" (default on CUDA)
 PRELOAD_EXTRAS_ENV = "QDOCTOR_SMOKE_PRELOAD_EXTRAS"  # "1"/"0": preload modeling_llama and torch._dynamo
 INJECTIONS = ("abort", "hang", "wrong", "raise", "killserver")
 CUDA_FORK_ERRORS = ("Cannot re-initialize CUDA in forked subprocess", "CUDA_ERROR_NOT_INITIALIZED",
@@ -275,10 +276,11 @@ class ForkBackend:
         env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # torch.cuda.is_available() without initialising CUDA
         env.setdefault("PYTHONWARNINGS", "default")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        preload_bnb = "0" if device.startswith("cuda") else "1"
-        # Heavy submodules (modeling_llama, torch._dynamo) save each probe ~1 s on CPU, where probes run
-        # one at a time; on CUDA probes run side by side, so preloading them only delays every probe.
-        extras = os.environ.get(PRELOAD_EXTRAS_ENV, "0" if device.startswith("cuda") else "1")
+        # On CUDA bitsandbytes is imported without creating a CUDA context (NVML answers its
+        # capability query); if that cannot be done, each probe imports it, and then preloading the
+        # heavy submodules only delays every probe, since CUDA probes run side by side.
+        preload_bnb = os.environ.get(PRELOAD_BNB_ENV, "nvml" if device.startswith("cuda") else "1")
+        extras = os.environ.get(PRELOAD_EXTRAS_ENV, "0" if preload_bnb == "0" else "1")
         # the server's own output goes to a file: a pipe nobody reads could fill up and block it
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen([sys.executable, "-m", "qdoctor.smoke.forkserver", str(w), preload_bnb,
