@@ -337,7 +337,9 @@ def _human(s: dict) -> str:
     return (
         f"{s['status']}: {s['steps']} steps, loss {f(s['first_loss'])} -> {f(s['final_loss'])}, held-out "
         f"{f(s['first_eval_loss'])} -> {f(s['final_eval_loss'])}, {s['tokens_per_s'] or 0:,.0f} tok/s, "
-        f"{s['wall_time_s']:.1f} s wall\nadapter: {s['adapter']}\nsummary: {s['output']}/summary.json, "
+        f"{s['wall_time_s']:.1f} s wall\n"
+        f"adapter: {s['adapter'] or 'not written yet (the run did not complete; see checkpoint/)'}\n"
+        f"summary: {s['output']}/summary.json, "
         f"curve: {s['output']}/loss.png\n"
     )
 
