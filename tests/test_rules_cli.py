@@ -131,3 +131,15 @@ def test_rules_reference_is_generated():
         "docs/rules.md is stale: qdoctor rules --format markdown > docs/rules.md"
     )
     assert "## QD303" in r.output and "## QD404" in r.output
+
+
+def test_every_code_of_every_command_is_documented_once():
+    from qdoctor.rules import load_rules
+    from qdoctor.rulesdoc import other_codes
+
+    codes = [c for r in load_rules() for c in r.codes] + [c for c, *_ in other_codes()]
+    assert len(codes) == len(set(codes)), "a finding code is used twice"
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "rules.md").read_text()
+    for c in ("QD732", "QD753", "QD801", "QD802", "QD803", "KF12", "QD501"):
+        assert c in codes
+        assert any(m in doc for m in (f"**{c}**", f"## {c} ", f"## {c},", f", {c} ", f", {c},")), c

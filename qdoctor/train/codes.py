@@ -1,0 +1,14 @@
+"""Finding codes that `qdoctor train` emits (area "plan"), for the generated rule reference."""
+
+CODES = {
+    "QD801": ("plan-exceeds-memory", "warning",
+              "The peak-memory estimate for the plan exceeds the memory usable on the device; the run "
+              "still starts, and halves the micro-batch on out-of-memory."),
+    "QD802": ("loss-not-finite", "error",
+              "The loss became NaN or inf: the run stops with the step, dtype and learning rate, and a fix "
+              "(lower the learning rate; bf16 instead of fp16 where the GPU has it)."),
+    "QD803": ("oom-at-micro-batch-1", "error",
+              "Out of memory even after halving the micro-batch down to 1 (each halving doubles the "
+              "accumulation, keeping the effective batch): turn on gradient checkpointing, shorten "
+              "sequences, or use the CPU-held optimizer."),
+}
