@@ -153,6 +153,17 @@ def test_recorded_paged_refusal_points_to_non_paged_optimizer(mx):
     assert "non-paged" in f.fix and "AdamW8bit" in f.fix
 
 
+def test_paged_step_failure_is_caught_measured_and_matched(mx):
+    # the probe now catches the paged step's error itself, so the 8-bit numbers survive
+    m = {"update_finite": True, "update_rel_err": 0.0074, "state1_dtype": "uint8", "paged": "failed",
+         "paged_ok": False, "paged_error": "RuntimeError: Error operation not supported at line 380 in file "
+                                           "/src/csrc/pythonInterface.c"}
+    r = build_result("optim8bit", {"kind": "ok", "duration_s": 1.0, "payload": {"measurements": m}}, mx)
+    assert r.status == "fail" and [c.split(" ")[0] for c in r.failed_checks] == ["paged_ok"]
+    assert r.finding and r.finding["code"] == "KF12"
+    assert "non-paged" in to_finding(r).fix
+
+
 def test_crash_and_timeout_statuses(mx):
     crash = build_result("nf4", {"kind": "crash", "signal": "SIGSEGV", "output_tail": "Fatal Python error",
                                  "duration_s": 0.3}, mx)

@@ -113,11 +113,18 @@ def test_failed_8bit_optimizer_probe_moves_adam_to_cpu():
 
 
 def test_paged_failure_gives_plain_8bit():
-    probes = [
-        dict(d, measurements={"paged": "failed: cudaErrorNotSupported"}) if d["probe"] == "optim8bit" else d
-        for d in PASS
-    ]
-    assert plan(gpu_facts(), probes).v("optimizer") == "adamw_8bit"
+    # what smoke reports when only the PagedAdamW8bit step fails (managed memory refused)
+    failed = dict(status="fail",
+                  failed_checks=["paged_ok = False, expected True (the PagedAdamW8bit step ran)"],
+                  measurements={"paged": "failed", "paged_ok": False, "update_rel_err": 0.0074,
+                                "paged_error": "RuntimeError: Error operation not supported at line 380"})
+    probes = [dict(d, **failed) if d["probe"] == "optim8bit" else d for d in PASS]
+    p = plan(gpu_facts(), probes)
+    assert p.v("optimizer") == "adamw_8bit" and "paged (managed-memory) step failed" in p.optimizer.reason
+    # the 8-bit update itself out of its band as well: no 8-bit optimizer at all
+    failed["failed_checks"] = ["update_rel_err = 0.9 too high", *failed["failed_checks"]]
+    probes = [dict(d, **failed) if d["probe"] == "optim8bit" else d for d in PASS]
+    assert plan(gpu_facts(), probes).v("optimizer") == "cpu_adamw"
 
 
 def test_failed_nf4_probe_falls_back_to_int8_and_no_bnb_to_none():

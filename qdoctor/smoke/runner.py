@@ -208,8 +208,8 @@ def build_result(probe: str, raw: dict, matrix: dict) -> ProbeResult:
             r.status = "fail"
             r.reason = r.failed_checks[0].split(" (")[0] + (f" (+{more} more)" if more else "")
     if r.status != "pass":
-        text = "\n".join(x for x in (r.error, tail, m.get("bnb_load_error"), "\n".join(m.get("logs") or []))
-                         if x)
+        errors = [v for k, v in m.items() if k.endswith("_error") and isinstance(v, str)]
+        text = "\n".join(x for x in (r.error, tail, *errors, "\n".join(m.get("logs") or [])) if x)
         kf = known_failures.match(text, matrix)
         r.finding = kf.to_dict() if kf else None
     if r.error:

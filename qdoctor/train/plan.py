@@ -191,13 +191,26 @@ def _bnb_ok(facts, probes) -> bool:
     )
 
 
-def _paged_failed(probes) -> bool:
+def _optim_result(probes) -> dict:
     for p in probes or []:
         d = p if isinstance(p, dict) else p.to_dict()
         if d.get("probe") == "optim8bit":
-            paged = (d.get("measurements") or {}).get("paged")
-            return paged is False or (isinstance(paged, str) and paged.startswith(("fail", "error")))
-    return False
+            return d
+    return {}
+
+
+def _paged_failed(probes) -> bool:
+    """The optim8bit probe's paged (managed-memory) step failed; see smoke/probes/optim.py."""
+    m = _optim_result(probes).get("measurements") or {}
+    return m.get("paged_ok") is False or m.get("paged") == "failed"
+
+
+def _only_paged_failed(probes) -> bool:
+    """optim8bit failed on its paged criteria alone: the plain AdamW8bit update passed its bands."""
+    d = _optim_result(probes)
+    checks = d.get("failed_checks") or []
+    return (d.get("status") == "fail" and _paged_failed(probes) and bool(checks)
+            and all(c.startswith("paged") for c in checks))
 
 
 def optimizer_chain(cfg, facts, probes, device: str) -> list[Choice]:
@@ -206,7 +219,9 @@ def optimizer_chain(cfg, facts, probes, device: str) -> list[Choice]:
         return [Choice(cfg.optimizer, "set by you")]
     out = []
     o8 = probe_status(probes, "optim8bit")
-    eightbit_ok = _bnb_ok(facts, probes) and o8 not in ("fail", "crash", "timeout")
+    eightbit_ok = _bnb_ok(facts, probes) and (
+        o8 not in ("fail", "crash", "timeout") or _only_paged_failed(probes)
+    )
     note = _probe_note(probes, "optim8bit")
     if device == "cpu":
         if eightbit_ok:
