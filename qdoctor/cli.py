@@ -100,7 +100,8 @@ def check(facts_file, deep, refresh, timeout, save_facts, as_json, fmt, verbose,
     else:
         from qdoctor.facts import collect
 
-        facts = collect(deep=deep or refresh, timeout=timeout, refresh=refresh)
+        facts = collect(deep=deep or refresh, timeout=timeout, refresh=refresh,
+                        progress=lambda msg: out(f"qdoctor: {msg}...\n", err=True))
     findings = judge(facts, matrix.load())
     findings = select_findings(findings, codes_option(select), codes_option(ignore))
     emit_report("check", findings, facts, fmt, verbose)

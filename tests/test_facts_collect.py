@@ -120,12 +120,14 @@ def test_cached_deep_result_is_ignored_when_the_environment_changed(monkeypatch)
 @pytest.mark.slow
 def test_deep_collect_imports_in_a_child_only():
     before = {m for m in sys.modules if m.split(".")[0] in FORBIDDEN}
-    facts = collect(deep=True, timeout=300)
+    notices = []
+    facts = collect(deep=True, timeout=300, progress=notices.append)
+    assert len(notices) == 1 and "child process" in notices[0]  # the slow step says it is slow
     assert {m for m in sys.modules if m.split(".")[0] in FORBIDDEN} == before
     assert facts["runtime"]["ran"] is True and facts["runtime"]["status"] == "ok", facts["runtime"]
     assert facts["torch"]["source"] == "runtime"
     assert isinstance(facts["torch"]["cuda_available"], bool)
     if facts["packages"].get("bitsandbytes"):
         assert isinstance(facts["bitsandbytes"]["loads"], bool)
-    # the result is cached for the next plain check
-    assert collect()["runtime"]["cached"] is True
+    # the result is cached for the next plain check, which then has nothing slow to announce
+    assert collect(deep=True, progress=notices.append)["runtime"]["cached"] is True and len(notices) == 1

@@ -63,13 +63,14 @@ def _highest_cc(nvidia: dict) -> str | None:
 
 
 def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=None, nvml=None,
-            use_cache: bool = True, refresh: bool = False) -> dict:
+            use_cache: bool = True, refresh: bool = False, progress=None) -> dict:
     """The facts snapshot of this machine.
 
     deep: also import torch/bitsandbytes in a child (timeout seconds) and cache that result. A fresh
     cached result for the same environment fingerprint (cache.fingerprint) is merged instead of
     spawning a child (runtime.cached = true), by a plain collect too; refresh=True always re-runs it.
     paths/environ/nvml: what to observe instead of sys.path / os.environ / pynvml (tests inject these).
+    progress: called with a one-line notice before the slow step (the deep child), if it runs.
     """
     from qdoctor.facts import bnb, env, nvidia, packages, platform, runtime, torch_build
 
@@ -116,6 +117,8 @@ def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=No
     if use_cache and paths is None and not (deep and refresh):
         _timed(facts, "runtime_cache", lambda: runtime.from_cache(facts))
     if deep and not facts["runtime"].get("cached"):
+        if progress:
+            progress(f"importing torch and bitsandbytes in a child process (--deep, at most {timeout:g} s)")
         _timed(facts, "runtime", lambda: runtime.deep(facts, timeout))
 
     def select():
