@@ -141,6 +141,16 @@ def test_error_finding_refuses_and_force_overrides(tmp_path, pf):
     assert invoke("--output", str(tmp_path / "x"), "--dry-run", "--force").exit_code == 0
 
 
+def test_a_routed_probe_failure_warns_and_the_plan_falls_back(tmp_path, pf):
+    pf.probes = [dict(p, status="fail", reason="update_rel_err too high") if p["probe"] == "optim8bit" else p
+                 for p in PROBES]
+    pf.findings = preflight._probe_findings(pf.probes)
+    r = invoke("--output", str(tmp_path / "x"), "--dry-run")
+    assert r.exit_code == 0, r.stderr
+    assert "warning: QD761" in r.stderr and "falls back" in r.stderr
+    assert "adamw_8bit" not in r.stdout.split("optimizer", 1)[1].splitlines()[0]  # 8-bit is out of the plan
+
+
 def test_nan_loss_stops_with_a_diagnosis(tmp_path, pf, monkeypatch):
     real = loop.forward_loss
     calls = {"n": 0}

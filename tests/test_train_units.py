@@ -293,3 +293,27 @@ def test_cpu_offload_adamw_matches_torch_adamw():
     ob2 = CPUOffloadAdamW([torch.nn.Parameter(torch.zeros(5, 3))], lr=1e-2)
     ob2.load_state_dict(sd)
     assert torch.allclose(ob2._params[0], b)
+
+
+def test_preflight_blocks_only_what_the_plan_cannot_route_around():
+    from qdoctor.train.preflight import _probe_findings
+
+    def res(probe, status="fail", **m):
+        return {"probe": probe, "status": status, "reason": "x", "measurements": m}
+
+    fs = {f.code: f for f in _probe_findings([
+        res("optim8bit"), res("nf4", "crash"), res("precision", "timeout"),
+        res("imports", bitsandbytes_ok=False, torch_ok=True), res("device")])}
+    assert {c for c, f in fs.items() if f.severity == "error"} == {"QD721"}  # the GPU cannot compute
+    assert fs["QD761"].severity == "warning" and "falls back" in fs["QD761"].title
+    assert fs["QD711"].severity == "warning" and "unquantized" in fs["QD711"].title
+    # a stack that does not import at all: nothing to fall back to
+    (f,) = _probe_findings([res("imports", torch_ok=False)])
+    assert f.severity == "error"
+
+
+def test_crashed_precision_or_device_probe_is_routed_like_a_failure():
+    probes = [dict(d, status="crash") if d["probe"] == "precision" else d for d in PASS]
+    assert plan(gpu_facts(), probes).v("dtype") == "fp32"
+    probes = [dict(d, status="timeout") if d["probe"] == "device" else d for d in PASS]
+    assert plan(gpu_facts(), probes).v("device") == "cpu"

@@ -103,6 +103,10 @@ def train(config_file, resume, dry_run, as_json, force, skip_probes, target_modu
             )
         out("qdoctor: refusing to train on this machine (pass --force to try anyway)\n", err=True)
         sys.exit(EXIT_FINDINGS)
+    for f in pf.findings:
+        if f.severity == "warning":
+            out(f"qdoctor: warning: {f.code} {f.title}" + (f" -> fix: {f.fix}" if f.fix else "") + "\n",
+                err=True)
     plan = P.make_plan(
         cfg,
         pf.facts,

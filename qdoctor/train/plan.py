@@ -96,6 +96,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
+BROKEN = ("fail", "crash", "timeout")  # probe outcomes the plan routes around
+
+
 def probe_status(probes, name: str) -> str | None:
     for p in probes or []:
         d = p if isinstance(p, dict) else p.to_dict()
@@ -128,7 +131,7 @@ def choose_device(cfg: TrainConfig, facts: dict, probes) -> Choice:
         return Choice("cuda:0" if cfg.device == "cuda" else cfg.device, "set by you")
     t = facts.get("torch") or {}
     gpus = (facts.get("nvidia") or {}).get("gpus") or []
-    if probe_status(probes, "device") == "fail":
+    if probe_status(probes, "device") in BROKEN:
         return Choice("cpu", "the device probe failed on the GPU: training on CPU (see `qdoctor smoke`)")
     if t.get("cuda_available") or (t.get("cuda_available") is None and gpus and t.get("cuda")):
         return Choice("cuda:0", f"GPU 0 ({_gpu(facts, 0).get('name', 'CUDA device')}) is usable by torch")
@@ -144,7 +147,7 @@ def choose_dtype(cfg, facts, probes, device: str) -> Choice:
     gpu = _gpu(facts, int(device.split(":")[1]))
     cc = _cc(gpu)
     bf16 = (facts.get("torch") or {}).get("bf16_supported")
-    if probe_status(probes, "precision") == "fail":
+    if probe_status(probes, "precision") in BROKEN:
         return Choice("fp32", "the precision probe failed: fp32 compute (slow but safe)")
     if bf16 or (bf16 is None and cc is not None and cc >= 8.0):
         return Choice(
@@ -163,15 +166,11 @@ def choose_quantization(cfg, facts, probes) -> Choice:
     if (
         bnb.get("installed") is False
         or bnb.get("loads") is False
-        or probe_status(probes, "imports") == "fail"
+        or probe_status(probes, "imports") in BROKEN
     ):
         return Choice("none", "bitsandbytes does not load here: LoRA on an unquantized base")
     nf4 = probe_status(probes, "nf4")
-    if nf4 in ("fail", "crash", "timeout") or probe_status(probes, "matmul4bit") in (
-        "fail",
-        "crash",
-        "timeout",
-    ):
+    if nf4 in BROKEN or probe_status(probes, "matmul4bit") in BROKEN:
         return Choice(
             "int8",
             f"4-bit kernels failed ({_probe_note(probes, 'nf4')}, "
@@ -187,7 +186,7 @@ def _bnb_ok(facts, probes) -> bool:
     return not (
         bnb.get("installed") is False
         or bnb.get("loads") is False
-        or probe_status(probes, "imports") == "fail"
+        or probe_status(probes, "imports") in BROKEN
     )
 
 
@@ -220,7 +219,7 @@ def optimizer_chain(cfg, facts, probes, device: str) -> list[Choice]:
     out = []
     o8 = probe_status(probes, "optim8bit")
     eightbit_ok = _bnb_ok(facts, probes) and (
-        o8 not in ("fail", "crash", "timeout") or _only_paged_failed(probes)
+        o8 not in BROKEN or _only_paged_failed(probes)
     )
     note = _probe_note(probes, "optim8bit")
     if device == "cpu":

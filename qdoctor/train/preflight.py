@@ -34,15 +34,43 @@ def probe_names(facts: dict) -> tuple[str, ...]:
     return GPU_PROBES if gpus and (facts.get("torch") or {}).get("cuda") else CPU_PROBES
 
 
+# Probe failures the plan routes around (plan.py): they warn, and the plan's reasons say what it chose
+# instead. A GPU that cannot compute, or a stack that does not import, still stops the run.
+ROUTED = {
+    "nf4": "8-bit weights (or none)",
+    "matmul4bit": "8-bit weights (or none)",
+    "optim8bit": "plain AdamW 8-bit, or a 32-bit AdamW on the CPU",
+    "precision": "fp32 compute",
+}
+
+
+def _routed(p: dict) -> str | None:
+    if p.get("probe") in ROUTED:
+        return ROUTED[p["probe"]]
+    m = p.get("measurements") or {}
+    if p.get("probe") == "imports" and p.get("status") == "fail" and all(
+        m.get(f"{d}_ok") is not False for d in ("torch", "transformers", "peft")
+    ):
+        return "LoRA on an unquantized base (bitsandbytes unusable)"
+    return None
+
+
 def _probe_findings(probes: list[dict]) -> list[Finding]:
-    """Failed, crashed or timed-out probes block the run (smoke's own codes and fixes)."""
+    """Failed, crashed or timed-out probes, with smoke's own codes and fixes: an error where no plan
+    can avoid the failure, a warning where the plan falls back."""
     from qdoctor.smoke.result import ProbeResult, to_finding
 
     out = []
     for p in probes:
         if p.get("status") in ("fail", "crash", "timeout"):
             f = to_finding(ProbeResult.from_dict(p))
-            if f is not None:
+            if f is None:
+                continue
+            fallback = _routed(p)
+            if fallback:
+                out.append(Finding(f.code, "warning", f"{f.title}; the plan falls back to {fallback}",
+                                   f.evidence, f.fix, f.area))
+            else:
                 out.append(Finding(f.code, "error", f.title, f.evidence, f.fix, f.area))
     return out
 
