@@ -100,7 +100,8 @@ def fingerprint(facts: dict) -> str:
     nv = facts.get("nvidia") or {}
     env = facts.get("env") or {}
     parts = {
-        "python": [plat.get("python_executable"), plat.get("python")],
+        # the interpreter's directory, not its name: venv/bin/python and venv/bin/python3 are one Python
+        "python": [os.path.dirname(plat.get("python_executable") or ""), plat.get("python")],
         "packages": {**{n: pkgs.get(n) for n in FINGERPRINT_PACKAGES}, **pkgs},
         "driver": nv.get("driver"),
         "gpus": [g.get("name") for g in nv.get("gpus") or [] if isinstance(g, dict)],

@@ -78,3 +78,12 @@ def test_fingerprint_tracks_what_a_runtime_result_depends_on():
     h["env"]["HF_HOME"] = "y"
     h["nvidia"]["gpus"][0]["memory_free_mib"] = 99
     assert cache.fingerprint(h) == base
+
+
+def test_fingerprint_is_the_same_for_python_and_python3_of_one_venv():
+    from qdoctor.cache import fingerprint
+
+    a = {"platform": {"python_executable": "~/venv/bin/python", "python": "3.11.7"}}
+    b = {"platform": {"python_executable": "~/venv/bin/python3", "python": "3.11.7"}}
+    c = {"platform": {"python_executable": "~/other-venv/bin/python3", "python": "3.11.7"}}
+    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
