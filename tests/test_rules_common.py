@@ -54,3 +54,18 @@ def test_visible_gpus():
     assert visible_gpus({"nvidia": {"gpus": gpus}, "env": {"CUDA_VISIBLE_DEVICES": "GPU-3f2a"}}) == gpus
     flagged = [{"index": 0, "visible": False}, {"index": 1, "visible": True}]
     assert visible_gpus({"nvidia": {"gpus": flagged}, "env": {"CUDA_VISIBLE_DEVICES": "0"}}) == [flagged[1]]
+
+
+def test_visible_gpus_reads_cuda_visible_devices_like_the_collector():
+    from qdoctor.rules.common import visible_gpus
+
+    gpus = [{"index": i, "name": f"g{i}"} for i in range(4)]
+
+    def vis(cvd):
+        facts = {"nvidia": {"gpus": gpus}, "env": {"CUDA_VISIBLE_DEVICES": cvd}}
+        return [g["index"] for g in visible_gpus(facts)]
+
+    assert vis("2,0") == [0, 2]
+    assert vis("1,7,2") == [1]  # CUDA stops at the first ordinal that names no device
+    assert vis("") == []
+    assert vis("GPU-1234") == [0, 1, 2, 3]  # no UUIDs in this snapshot: cannot tell, assume all

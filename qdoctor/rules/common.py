@@ -130,24 +130,19 @@ def arch_span(sass, ptx) -> str:
 
 def visible_gpus(facts: dict) -> list[dict]:
     """GPUs the training process will see: nvidia.gpus[].visible when the collector set it, else
-    CUDA_VISIBLE_DEVICES (integer indices) from env, else all."""
+    CUDA_VISIBLE_DEVICES from env, read the way the collector reads it (facts.nvidia.parse_visible)."""
+    from qdoctor.facts.nvidia import parse_visible
+
     gpus = [g for g in ((facts.get("nvidia") or {}).get("gpus") or []) if isinstance(g, dict)]
     if any("visible" in g for g in gpus):
         return [g for g in gpus if g.get("visible") is not False]
     cvd = (facts.get("env") or {}).get("CUDA_VISIBLE_DEVICES")
     if cvd is None:
         return gpus
-    toks = [t.strip() for t in str(cvd).split(",") if t.strip()]
-    if not toks:
-        return []
-    keep = []
-    for t in toks:
-        if not re.fullmatch(r"-?\d+", t):
-            return gpus  # UUIDs / MIG names: cannot map here, assume all visible
-        i = int(t)
-        if i < 0:
-            break  # CUDA stops at the first invalid index
-        keep.append(i)
+    uuids = any(t.strip().upper().startswith(("GPU-", "MIG-")) for t in str(cvd).split(","))
+    if uuids and not any(g.get("uuid") for g in gpus):
+        return gpus  # UUIDs this snapshot cannot map to its GPUs: assume all visible
+    keep = parse_visible(str(cvd), gpus)
     return [g for g in gpus if g.get("index") in keep]
 
 
