@@ -317,3 +317,20 @@ def test_crashed_precision_or_device_probe_is_routed_like_a_failure():
     assert plan(gpu_facts(), probes).v("dtype") == "fp32"
     probes = [dict(d, status="timeout") if d["probe"] == "device" else d for d in PASS]
     assert plan(gpu_facts(), probes).v("device") == "cpu"
+
+
+def test_preflight_rejects_a_device_that_is_not_here(monkeypatch):
+    import json
+    from pathlib import Path
+
+    import qdoctor.facts
+    from qdoctor.facts.schema import normalize
+    from qdoctor.smoke.runner import ProbeUsageError
+    from qdoctor.train import preflight
+
+    snap = Path(__file__).parent / "snapshots" / "h200-cu130.json"
+    facts = normalize(json.loads(snap.read_text()))
+    monkeypatch.setattr(qdoctor.facts, "collect", lambda **kw: facts)
+    with pytest.raises(ProbeUsageError, match="no such device"):
+        preflight.run("cuda:1", skip_probes=True)  # one H200 in that machine
+    assert preflight.run("cuda:0", skip_probes=True).facts is facts

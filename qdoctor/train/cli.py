@@ -87,10 +87,14 @@ def train(config_file, resume, dry_run, as_json, force, skip_probes, target_modu
         setup = _setup(cfg, resume)
     except (C.ConfigError, DataError, ModelError, BadInput) as e:
         _fail(str(e))
+    from qdoctor.smoke.runner import ProbeUsageError
     from qdoctor.train import plan as P
     from qdoctor.train import preflight
 
-    pf = preflight.run(cfg.device, skip_probes=skip_probes)
+    try:
+        pf = preflight.run(cfg.device, skip_probes=skip_probes)
+    except ProbeUsageError as e:
+        _fail(str(e))
     for note in pf.notes:
         out(f"note: {note}\n", err=True)
     if pf.cached:

@@ -81,6 +81,10 @@ def run(device: str | None, *, skip_probes: bool = False, timeout: float = 120.0
     from qdoctor.rules import judge
 
     facts = collect(deep=True)
+    if device:  # the same check as `smoke --device`: a ProbeUsageError names what is wrong
+        from qdoctor.smoke.runner import parse_device
+
+        device = parse_device(device, facts)
     findings = judge(facts, matrix.load())
     fp = cache.fingerprint(facts)
     pf = Preflight(facts, findings, fingerprint=fp)
