@@ -31,7 +31,13 @@ class ChildResult:
     extra: dict = field(default_factory=dict)
 
     def stderr_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.stderr.strip().splitlines()[-lines:])
+        return tail_lines(self.stderr, lines)
+
+
+def tail_lines(text: str | None, lines: int = 20, chars: int | None = None) -> str:
+    """The last `lines` lines of a child's output (and at most `chars` characters): what a report shows."""
+    out = "\n".join((text or "").strip().splitlines()[-lines:])
+    return out[-chars:] if chars else out
 
 
 def emit(payload: dict) -> None:

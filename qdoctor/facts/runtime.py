@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from qdoctor import cache
+from qdoctor.isolate import tail_lines
 
 MAX_AGE_S = 24 * 3600  # a cached deep result older than this is not shown by a plain check
 CACHE_KIND = "runtime"
@@ -18,10 +19,6 @@ CACHE_KIND = "runtime"
 def _sm_number(arch: str) -> int:
     digits = "".join(c for c in arch.split("_")[-1] if c.isdigit())
     return int(digits or 0)
-
-
-def _tail(text: str, lines: int = 20, chars: int = 4000) -> str:
-    return "\n".join((text or "").strip().splitlines()[-lines:])[-chars:]
 
 
 def probe() -> dict:
@@ -56,7 +53,7 @@ def probe() -> dict:
     msgs = [f"{w.category.__name__}: {w.message}" for w in caught
             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
     out["warnings"] = list(dict.fromkeys(msgs))[-20:]  # de-duplicated, in order
-    out["log"] = _tail(log_buf.getvalue(), 40)
+    out["log"] = tail_lines(log_buf.getvalue(), 40, 4000)
     return out
 
 
@@ -116,7 +113,7 @@ def _bnb_facts(bnb) -> dict:
     elif kind == "ErrorHandlerMockBNBNativeLibrary":
         b["loads"] = False
         b["error"] = str(getattr(lib, "error_msg", "") or getattr(lib, "formatted_error", "") or kind)
-        b["error_detail"] = _tail(str(getattr(lib, "formatted_error", "")), 40)
+        b["error_detail"] = tail_lines(str(getattr(lib, "formatted_error", "")), 40, 4000)
     else:
         b["loads"] = True
         b["compiled_with_cuda"] = bool(getattr(lib, "compiled_with_cuda", False))
@@ -138,7 +135,7 @@ def run_child(timeout: float) -> dict:
 
     res = run_module_function("qdoctor.facts.runtime", "probe", {}, timeout=timeout)
     section = {"ran": True, "cached": False, "duration_s": round(res.duration_s, 3), "status": res.status,
-               "error": None, "stderr_tail": _tail(res.stderr),
+               "error": None, "stderr_tail": tail_lines(res.stderr, 20, 4000),
                "collected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if res.status == "timeout":
         section["error"] = f"importing torch/bitsandbytes did not finish within {timeout:g} s"

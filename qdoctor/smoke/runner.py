@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from qdoctor.isolate import tail_lines
 from qdoctor.redact import redact
 from qdoctor.smoke import known_failures, verdict
 from qdoctor.smoke.registry import ORDER, PROBES
@@ -160,10 +161,6 @@ def dependency_skip(probe: str, done: dict[str, ProbeResult]) -> str | None:
     return None
 
 
-def _tail_lines(text: str, n: int = 30) -> str:
-    return "\n".join(text.strip().splitlines()[-n:])
-
-
 def build_result(probe: str, raw: dict, matrix: dict) -> ProbeResult:
     """Turn what a probe process left (raw) into a judged ProbeResult.
 
@@ -183,7 +180,7 @@ def build_result(probe: str, raw: dict, matrix: dict) -> ProbeResult:
     if kind == "timeout":
         r.status = "timeout"
         r.reason = f"no result within {raw.get('timeout', '?')} s; its process group was killed"
-        r.error = _tail_lines(tail) or None
+        r.error = tail_lines(tail, 30) or None
     elif kind == "crash" or (kind == "error" and not payload):
         sig = raw.get("signal")
         r.status = "crash"
@@ -193,12 +190,12 @@ def build_result(probe: str, raw: dict, matrix: dict) -> ProbeResult:
             r.reason = f"the probe process exited with code {raw.get('returncode')} without a result"
         else:
             r.reason = (tail.strip().splitlines() or ["the probe process ended without a result"])[-1][:300]
-        r.error = _tail_lines(tail) or None
+        r.error = tail_lines(tail, 30) or None
     elif payload.get("error"):
         r.status = "fail"
         first = payload["error"].strip().splitlines()[-1]
         r.reason = f"raised {first[:300]}"
-        r.error = _tail_lines(payload["error"] + ("\n" + tail if tail else ""), 40)
+        r.error = tail_lines(payload["error"] + ("\n" + tail if tail else ""), 40)
     elif payload.get("skip"):
         r.status, r.reason = "skip", payload["skip"]
     else:
