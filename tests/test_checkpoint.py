@@ -226,3 +226,25 @@ def test_a_checkpoint_of_another_shape_does_not_fit(saved):
     b = Tiny("adamw", r=8)
     with pytest.raises(K.CheckpointError, match="does not fit this run"):
         K.load(saved, b.model, b.opt, b.sched, b.scaler)
+
+
+def test_nothing_in_the_package_unpickles_or_trusts_remote_code():
+    """A guard for the whole package: no torch.load, pickle, weights_only=False or trust_remote_code=True."""
+    import re
+    from pathlib import Path
+
+    import qdoctor
+
+    unsafe = re.compile(
+        r"torch\.load\(|\bimport (c?pickle|dill|joblib|shelve|marshal)\b|\bpickle\.|weights_only\s*=\s*False"
+        r"|trust_remote_code\s*=\s*True|allow_pickle\s*=\s*True"
+    )
+    root = Path(qdoctor.__file__).parent
+    hits = [
+        f"{p.relative_to(root)}:{n}: {line.strip()}"
+        for p in sorted(root.rglob("*.py"))
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if unsafe.search(line)
+    ]
+    assert hits == []
+    assert unsafe.search("blob = torch.load(ck / 'state.pt', weights_only=False)")  # the pattern bites

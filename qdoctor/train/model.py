@@ -115,7 +115,7 @@ def resolve(model: str | None, trust_remote_code: bool = False) -> ModelSource:
 
 
 def _load_error(src: ModelSource, what: str, e: Exception) -> ModelError:
-    """One line; transformers' "pass trust_remote_code=True" becomes the flag a user can pass."""
+    """One line; transformers' advice to pass trust_remote_code becomes the flag a user can pass."""
     text = str(e).strip()
     if "trust_remote_code" in text and not src.trust_remote_code:
         return refuse_custom_code(src.name, f"transformers says its {what} contains custom code")
