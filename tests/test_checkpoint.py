@@ -191,6 +191,19 @@ def _edit_json(key, value):
     return f
 
 
+def _garbage_with_its_digest(ck):
+    """A tensor file that is not safetensors, with state.json updated to match (edited consistently)."""
+    (ck / "state.safetensors").write_bytes(b"\xff" * 64)
+    doc = json.loads((ck / "state.json").read_text())
+    doc["files"]["state.safetensors"] = K._sha256(ck / "state.safetensors")
+    (ck / "state.json").write_text(json.dumps(doc))
+
+
+def _rename_a_tensor(ck):
+    doc = (ck / "state.json").read_text().replace('"$tensor": "rng/torch"', '"$tensor": "rng/other"')
+    (ck / "state.json").write_text(doc)
+
+
 DAMAGE = {
     "legacy pickle": (lambda ck: (ck / "state.pt").write_bytes(b"\x80\x04K\x01."), "older qdoctor"),
     "no format": (_edit_json("format", None), "older qdoctor"),
@@ -202,6 +215,8 @@ DAMAGE = {
     "tensors edited": (lambda ck: _flip_byte(ck / "state.safetensors"), "does not match its sha256"),
     "adapter edited": (lambda ck: _flip_byte(ck / "adapter" / "adapter_model.safetensors"), "sha256"),
     "bad step": (_edit_json("step", "7"), "malformed loop position"),
+    "tensors unreadable": (_garbage_with_its_digest, "a tensor file is unreadable"),
+    "dangling tensor reference": (_rename_a_tensor, "has no tensor 'rng/other'"),
     "another run": (lambda ck: (ck.parent / "run.json").write_text('{"identity": {"seed": 1}}'),
                     "different run"),
 }

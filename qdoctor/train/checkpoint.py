@@ -281,8 +281,13 @@ def load(output: Path, model, optimizer, scheduler, scaler) -> dict:
         weights = load_file(str(ck / ADAPTER_WEIGHTS))
         tensors = load_file(str(ck / STATE_TENSORS))
     except SafetensorError as e:
-        raise CheckpointError(f"checkpoint in {ck}: a tensor file is unreadable ({str(e)[:120]})") from None
-    st = unpack(doc, tensors)
+        raise CheckpointError(
+            f"checkpoint in {ck}: a tensor file is unreadable ({str(e)[:120]}); start a fresh --output"
+        ) from None
+    try:
+        st = unpack(doc, tensors)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint in {ck}: {e}; start a fresh --output") from None
     try:
         result = set_peft_model_state_dict(model, weights)
         if getattr(result, "unexpected_keys", None):
