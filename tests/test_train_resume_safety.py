@@ -210,6 +210,12 @@ def test_custom_code_reason_follows_transformers_rule():
     assert M.custom_code_reason({"auto_map": mapped})
     assert M.custom_code_reason({"model_type": "llama", "auto_map": mapped}) is None  # transformers' class
     assert M.custom_code_reason({"model_type": "qdoctor_custom"}) is None  # unknown, but no code to run
+    # a hub model is only seen by transformers: its advice to pass trust_remote_code=True becomes our flag
+    e = ValueError("The repository org/m contains custom code ... Please pass `trust_remote_code=True`.")
+    msg = str(M._load_error(M.ModelSource("org/m", None, False), "config", e))
+    assert "--trust-remote-code" in msg and "org/m" in msg and "\n" not in msg
+    trusted = M.ModelSource("org/m", None, False, trust_remote_code=True)
+    assert "cannot load the config" in str(M._load_error(trusted, "config", e))
 
 
 def test_trust_remote_code_opts_in_and_the_plan_records_it(tmp_path, pf):
