@@ -122,7 +122,15 @@ SNAPSHOTS = {
         set(),
         {"QD503": ["peft 0.14.0", "transformers 4.39.3", "EncoderDecoderCache", "transformers>=4.46"]},
     ),
-    "bnb-placeholder": ({"QD406"}, set(), {"QD406": ["libcudart.so.13", "python -m bitsandbytes"]}),
+    "bnb-placeholder": (
+        {"QD406"}, set(), {"QD406": ["libcudart.so.13", "pip install nvidia-cuda-runtime-cu13"]}
+    ),
+    # 8 H100 on NVSwitches, fabric manager stopped: CUDA error 802 (check --deep); one root cause, QD205
+    "hgx-fabric-manager-stopped": (
+        {"QD205", "QD306", "QD305", "QD407"},
+        set(),
+        {"QD205": ["not-started", "nvidia-fabricmanager-570", "570.133.20"], "QD306": ["Error 802", "KF43"]},
+    ),
     "conflict": (
         {"QD501", "QD502"},
         {"QD504"},
@@ -248,9 +256,9 @@ VARIANTS = {
                 "nvidia.cuda_driver": None,
             },
         ),
-        set(),
+        {"QD206"},
         {"QD201"},
-        {"QD201": ["Driver/library version mismatch", "nvidia-smi"]},
+        {"QD201": ["Driver/library version mismatch"], "QD206": ["reboot", "rmmod nvidia_uvm"]},
     ),
     "driver-minor-compat": (
         variant(
@@ -414,6 +422,20 @@ VARIANTS = {
         {"QD603": ["'-1'", "CUDA_VISIBLE_DEVICES=0,1"]},
     ),
     "cvd-hides-the-v100": (variant("mixed-gpus", **{"env.CUDA_VISIBLE_DEVICES": "0"}), set(), set(), {}),
+    "container-without-gpu": (
+        variant("cpu-only-machine", **{"platform.container": "docker", "torch.cuda": "12.8",
+                                        "torch.version": "2.9.1+cu128", "packages.torch": "2.9.1+cu128",
+                                        "driver": {"device_nodes": []}}),
+        set(),
+        {"QD610"},
+        {"QD610": ["docker", "--gpus all", "CUDA 12.8"]},
+    ),
+    "container-cpu-torch-no-gpu": (
+        variant("cpu-only-machine", **{"platform.container": "docker", "driver": {"device_nodes": []}}),
+        set(),
+        set(),
+        {},
+    ),
     "bnb-override-exists": (
         variant(
             "h200-synthetic",

@@ -21,6 +21,7 @@ SECTIONS = {
     "torch": (dict, {}),
     "bitsandbytes": (dict, {}),
     "env": (dict, {}),
+    "driver": (dict, {}),
     "runtime": (dict, {}),
     "collectors": (dict, {}),
 }
