@@ -1,4 +1,4 @@
-"""Command line: `qdoctor check | smoke | train | rules`.
+"""Command line: `qdoctor check | smoke | train | explain | rules`.
 
 Exit codes (a contract for CI): 0 no error finding; 1 at least one error finding (also warnings
 under --strict); 2 qdoctor was used wrongly (bad flag, unreadable input); 3 qdoctor itself failed.
@@ -48,10 +48,10 @@ def resolve_format(as_json: bool, fmt: str | None) -> str:
 
 
 class LazyGroup(click.Group):
-    """`smoke` and `train` live in their own modules and are imported only when invoked, so that
-    `qdoctor check` does not pay for them at start-up."""
+    """`smoke`, `train` and `explain` live in their own modules and are imported only when invoked, so
+    that `qdoctor check` does not pay for them at start-up."""
 
-    lazy = {"smoke": "qdoctor.smoke.cli", "train": "qdoctor.train.cli"}
+    lazy = {"smoke": "qdoctor.smoke.cli", "train": "qdoctor.train.cli", "explain": "qdoctor.explain"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))

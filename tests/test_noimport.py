@@ -24,12 +24,12 @@ WRAPPER = textwrap.dedent("""
 """) % (FORBIDDEN,)
 
 
-def run_check(tmp_path, *args, pythonpath=None):
+def run_check(tmp_path, *args, pythonpath=None, command="check", stdin=None):
     env = dict(os.environ, QDOCTOR_CACHE_DIR=str(tmp_path / "cache"))
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, "check", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, command, *args], capture_output=True, text=True,
+                          env=env, timeout=120, input=stdin)
     marker = proc.stderr.rfind("@@NOIMPORT@@")
     assert marker >= 0, proc.stderr[-2000:]
     return proc, json.loads(proc.stderr[marker + len("@@NOIMPORT@@"):].strip())
@@ -56,3 +56,12 @@ def test_check_diagnoses_a_broken_torch_without_importing_it(tmp_path):
     facts = json.loads(proc.stdout)["facts"]
     assert "version.py" in facts["torch"]["error"]
     assert facts["bitsandbytes"]["installed"] is True and facts["bitsandbytes"]["binaries"] == {}
+
+
+def test_explain_imports_none_of_the_stack(tmp_path):
+    """explain reads the text and this machine's facts: offline, without importing torch."""
+    err = "RuntimeError: Configured CUDA binary not found at /x/bitsandbytes/libbitsandbytes_cuda129.so\n"
+    proc, res = run_check(tmp_path, "-", command="explain", stdin=err)
+    assert res["imported"] == []
+    assert res["code"] == 0, proc.stderr[-2000:]
+    assert "KF04" in proc.stdout
