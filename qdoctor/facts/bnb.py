@@ -171,6 +171,7 @@ def scan_binaries(pkg_dir: str, search_paths, environ, ld_cache=None) -> dict:
             entry["error"] = f"cannot read {fname}: {e}"
             out[name] = entry
             continue
+        entry["requires_versions"] = info.get("requires_versions")
         if info["has_fatbin"]:
             entry["archs"], entry["ptx"] = info["archs"], info["ptx"]
         elif name.startswith("cpu"):

@@ -22,6 +22,8 @@ SECTIONS = {
     "bitsandbytes": (dict, {}),
     "env": (dict, {}),
     "driver": (dict, {}),
+    "native": (dict, {}),
+    "extensions": (dict, {}),
     "runtime": (dict, {}),
     "collectors": (dict, {}),
 }
