@@ -486,6 +486,10 @@ def test_every_rule_code_is_exercised():
         fired |= {f.code for f in run(load(name))}
     for facts, *_ in VARIANTS.values():
         fired |= {f.code for f in run(facts)}
+    from test_failure_classes import CLASSES  # the survey's failure classes, each with a broken machine
+
+    for _, broken, _, _ in CLASSES.values():
+        fired |= {f.code for f in run(broken)}
     registered = {c for r in load_rules() for c in r.codes}
     assert registered - fired == set(), f"never fired: {sorted(registered - fired)}"
 

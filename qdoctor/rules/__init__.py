@@ -32,7 +32,8 @@ class Rule:
 REGISTRY: list[Rule] = []
 
 # Area modules, imported on first use so `import qdoctor.rules` stays cheap.
-_MODULES = ["platform", "nvidia", "torch", "bitsandbytes", "packages", "environment", "cuda_init", "native"]
+_MODULES = ["platform", "nvidia", "torch", "bitsandbytes", "packages", "environment",
+            "cuda_init", "native", "jetson", "extensions", "container"]
 
 
 def rule(code: str, slug: str, area: str, also: Iterable[str] = ()):

@@ -9,7 +9,15 @@ import re
 
 from qdoctor.findings import Finding
 from qdoctor.rules import rule
-from qdoctor.rules.common import bnb, bnb_version, matches, torch_version
+from qdoctor.rules.common import (
+    bnb,
+    bnb_version,
+    matches,
+    python_version,
+    torch_minors,
+    torch_version,
+    wheels,
+)
 
 
 def vt(v) -> tuple[int, ...] | None:
@@ -192,3 +200,24 @@ def nvidia_wheels_disagree(facts, matrix):
                     [f"{nj.get('cusparse')} needs {', '.join(nj['missing'][:3])}",
                      f"{nj.get('nvjitlink')} does not define it"],
                     f"pip install -U '{dist}>={need}'" if need else f"pip install -U {dist}", "packages")]
+
+
+@rule("QD106", "python-without-wheels", "platform")
+def python_without_wheels(facts, matrix):
+    """No torch release in the matrix publishes wheels for this Python (too new, or too old): `pip install
+    torch` fails with "No matching distribution found for torch". Error while torch is not installed (an
+    installed torch evidently found a build)."""
+    py = python_version(facts)
+    if not py or (facts.get("torch") or {}).get("installed") or (facts.get("packages") or {}).get("torch"):
+        return []
+    ws = wheels(matrix)
+    if not ws or any(matches(py, w.get("python")) for w in ws):
+        return []
+    newest = torch_minors(matrix)[:1]
+    spans = sorted({w.get("python") for w in ws if newest and matches(newest[0] + ".0", w.get("torch"))})
+    return [Finding("QD106", "error", f"no torch release publishes wheels for Python {py}",
+                    [f"platform.python = {py}",
+                     f"torch {newest[0] if newest else '?'} wheels: Python {', '.join(spans) or '?'}",
+                     "error users see: ERROR: No matching distribution found for torch"],
+                    "python3.12 -m venv ~/qlora && . ~/qlora/bin/activate  # a Python the stack ships wheels "
+                    "for", "platform")]
