@@ -22,6 +22,7 @@ AREAS = [
     ("bitsandbytes", "bitsandbytes"),
     ("packages", "Packages"),
     ("environment", "Environment"),
+    ("model", "Model fit"),
     ("smoke", "Probes"),
     ("plan", "Plan"),
     ("general", "Other"),

@@ -65,3 +65,16 @@ def test_explain_imports_none_of_the_stack(tmp_path):
     assert res["imported"] == []
     assert res["code"] == 0, proc.stderr[-2000:]
     assert "KF04" in proc.stdout
+
+
+def test_check_model_imports_none_of_the_stack(tmp_path):
+    """check --model sizes the model with train's estimator module, which is pure: still no torch."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"hidden_size": 2048, "intermediate_size": 5632,
+                                               "num_hidden_layers": 22, "num_attention_heads": 32,
+                                               "num_key_value_heads": 4, "vocab_size": 32000}))
+    proc, res = run_check(tmp_path, "--model", str(d))
+    assert res["imported"] == []
+    assert res["code"] in (0, 1), proc.stderr[-2000:]
+    assert "Model fit" in proc.stdout

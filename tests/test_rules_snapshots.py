@@ -200,6 +200,9 @@ def variant(base: str, **changes) -> dict:
 
 
 _DEL = object()
+MODEL_8B = {"id": "llama-8b", "max_position_embeddings": 131072, "params": 8_030_261_248,
+            "shape": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8,
+                      "vocab": 128256, "head_dim": None}}
 BNB047_BINS = {
     f"cuda{x}": {
         "archs": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90"],
@@ -436,6 +439,18 @@ VARIANTS = {
         set(),
         {},
     ),
+    # check --model: a Llama-3.1-8B-shaped config, and a 48-layer and a 70B variant on a T4
+    "model-fits-h200": (
+        variant("h200-synthetic", model=MODEL_8B), set(), set(), {"QD900": ["NVIDIA H200", "micro-batch"]}),
+    "model-short-sequences-only": (
+        variant("t4", model={**MODEL_8B, "shape": {**MODEL_8B["shape"], "layers": 48}}),
+        set(),
+        {"QD203", "QD902"},
+        {"QD902": ["only below 2048 tokens", "--seq-len 1024"]}),
+    "model-too-big": (
+        variant("t4", model={**MODEL_8B, "shape": {**MODEL_8B["shape"], "hidden": 8192, "intermediate": 28672,
+                                                   "heads": 64, "layers": 80}}),
+        {"QD901"}, {"QD203"}, {"QD901": ["FSDP"]}),
     "bnb-override-exists": (
         variant(
             "h200-synthetic",

@@ -24,6 +24,7 @@ SECTIONS = {
     "driver": (dict, {}),
     "native": (dict, {}),
     "extensions": (dict, {}),
+    "model": (dict, {}),
     "runtime": (dict, {}),
     "collectors": (dict, {}),
 }
