@@ -48,6 +48,8 @@ class Plan:
     loss_scaling: Choice
     max_grad_norm: Choice
     weight_decay: Choice
+    fused_loss: Choice
+    compile: Choice
     memory: dict = field(default_factory=dict)
     findings: list = field(default_factory=list)
 
@@ -257,6 +259,49 @@ def optimizer_chain(cfg, facts, probes, device: str) -> list[Choice]:
     return out
 
 
+COMPILE_MIN_PARAMS = 0.3e9  # below this, compiling (20-40 s once) costs more than a typical run saves
+
+
+def _speed_measured() -> str:
+    return "H200, 1.1B, 8x1024: 28.5k tok/s lean, 40.4k compiled, 56.4k compiled + fused loss (bench/results)"
+
+
+def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice:
+    from qdoctor.train import speed
+
+    missing = speed.liger_missing(device, model_type, facts.get("packages"))
+    if cfg.fused_loss == "none":
+        return Choice("none", "set by you")
+    if missing is None:
+        return Choice("liger", "fused linear + cross-entropy (liger-kernel): the full-vocabulary logits are "
+                      "never materialised" + ("" if cfg.fused_loss == "auto" else "; set by you"))
+    if cfg.fused_loss == "liger":
+        return Choice("none", f"liger asked for, but {missing}: the standard loss instead")
+    return Choice("none", f"standard loss: {missing}")
+
+
+def choose_compile(cfg, facts, device: str, dtype: str, checkpointing: bool, quant: str, shape,
+                   embedded: bool) -> Choice:
+    if cfg.compile != "auto":
+        return Choice(cfg.compile == "on", "set by you")
+    pk = facts.get("packages") or {}
+    why = None
+    if not device.startswith("cuda"):
+        why = "CPU: torch.compile is not measured there"
+    elif "triton" not in pk:
+        why = "Triton is not installed (torch.compile's GPU back-end)"
+    elif "c_compiler" in (facts.get("platform") or {}) and not facts["platform"]["c_compiler"]:
+        why = "no C compiler (cc/gcc/clang) on PATH: Triton needs one to build its launcher"
+    elif dtype != "bf16" or quant not in ("nf4", "none") or checkpointing:
+        why = "compiled layers are measured only with bf16, NF4 and no gradient checkpointing"
+    elif embedded or shape.total_params() < COMPILE_MIN_PARAMS:
+        why = "a model this small: compiling (20-40 s once) costs more than it saves"
+    if why:
+        return Choice(False, why)
+    return Choice(True, "torch.compile of each decoder layer (one graph for all): fuses norms, RoPE and "
+                  f"SwiGLU and recomputes them in backward; {_speed_measured()}")
+
+
 def _budget_gib(facts, device: str) -> tuple[float, str]:
     if device == "cpu":
         mib = (facts.get("platform") or {}).get("memory_total_mib")
@@ -310,6 +355,7 @@ def make_plan(
     embedded: bool,
     n_train: int,
     max_len: int | None = None,
+    model_type: str | None = "llama",
 ) -> Plan:
     findings = []
     device = choose_device(cfg, facts, probes)
@@ -435,6 +481,8 @@ def make_plan(
         dtype.value == "fp16",
         "fp16 needs dynamic loss scaling" if dtype.value == "fp16" else f"not needed with {dtype.value}",
     )
+    fused = choose_fused_loss(cfg, facts, device.value, model_type)
+    comp = choose_compile(cfg, facts, device.value, dtype.value, ck, quant.value, shape, embedded)
     mem = {
         "device": device.value,
         "budget_gib": round(budget, 2),
@@ -466,6 +514,8 @@ def make_plan(
         loss_scaling=scaling,
         max_grad_norm=Choice(cfg.max_grad_norm, "QLoRA: 0.3" if cfg.max_grad_norm == 0.3 else "set by you"),
         weight_decay=Choice(cfg.weight_decay, "QLoRA: 0" if cfg.weight_decay == 0 else "set by you"),
+        fused_loss=fused,
+        compile=comp,
         memory=mem,
         findings=findings,
     )
