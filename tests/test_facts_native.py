@@ -131,16 +131,6 @@ def test_shadowed_cuda_libs_are_listed(tmp_path):
     assert native.shadowed_cuda_libs({}, [str(wheel)]) == []
 
 
-def test_c_compiler_follows_triton(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    assert native.c_compiler({"PATH": str(bin_dir)}) is None
-    gcc = bin_dir / "gcc"
-    gcc.write_text("#!/bin/sh\n")
-    gcc.chmod(0o755)
-    assert native.c_compiler({"PATH": str(bin_dir)}) == str(gcc)
-
-
 def test_driver_facts_from_a_fake_tree(tmp_path):
     (tmp_path / "proc/driver/nvidia").mkdir(parents=True)
     (tmp_path / "proc/driver/nvidia/version").write_text(

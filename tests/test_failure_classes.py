@@ -174,11 +174,11 @@ CLASSES = {
                                                      "5.17.0")}),
         load(H200), ["llamafactory", "transformers<=4.52.4,>=4.45.0"]),
     "Triton without a C compiler": (
-        "QD611", variant(H200, **{"native": {"c_compiler": None, "python_headers": True}}),
-        variant(H200, **{"native": {"c_compiler": "/usr/bin/gcc", "python_headers": True}}),
+        "QD611", variant(H200, **{"platform.c_compiler": None, "native": {"python_headers": True}}),
+        variant(H200, **{"platform.c_compiler": "gcc", "native": {"python_headers": True}}),
         ["build-essential", "Failed to find C compiler"]),
     "Triton without Python headers": (
-        "QD611", variant(H200, **{"native": {"c_compiler": "/usr/bin/gcc", "python_headers": False}}),
+        "QD611", variant(H200, **{"platform.c_compiler": "gcc", "native": {"python_headers": False}}),
         None, ["python3.12-dev"]),
     "container with a small /dev/shm": (
         "QD612", variant(H200, **{"platform.container": "docker", "driver": {"shm_mib": 64}}),

@@ -129,21 +129,6 @@ def nvjitlink_check(environ, wheel_dirs, ld_cache: dict) -> dict | None:
     return out
 
 
-def c_compiler(environ) -> str | None:
-    """The compiler Triton would use to build its launcher: $CC, else gcc, else clang on PATH
-    (triton/runtime/build.py); None when there is none ("Failed to find C compiler")."""
-    import shutil
-
-    if environ.get("CC"):
-        cc = environ["CC"].split()[0]
-        return shutil.which(cc, path=environ.get("PATH")) or (cc if os.path.exists(cc) else None)
-    for name in ("gcc", "clang"):
-        found = shutil.which(name, path=environ.get("PATH"))
-        if found:
-            return found
-    return None
-
-
 def python_headers() -> bool | None:
     """Is Python.h there for this interpreter (Triton and source builds compile against it)?"""
     import sysconfig
@@ -169,8 +154,7 @@ def collect(environ=None, ld_cache=None, executable=None, paths=None) -> dict:
 
     wheel_dirs = [d for d in libsearch.wheel_lib_dirs(site_dirs(paths)) if os.sep + "nvidia" + os.sep in d]
     out["shadowed_cuda_libs"] = shadowed_cuda_libs(environ, wheel_dirs)
-    out["c_compiler"] = c_compiler(environ)
-    out["python_headers"] = python_headers()
+    out["python_headers"] = python_headers()  # the C compiler is platform.c_compiler
     try:
         out["nvjitlink"] = nvjitlink_check(environ, wheel_dirs, ld_cache if ld_cache is not None
                                            else libsearch.ld_cache())

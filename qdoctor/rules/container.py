@@ -23,10 +23,12 @@ def triton_cannot_compile(facts, matrix):
     compiles Triton kernels, is installed)."""
     pk = _pk(facts)
     nat = facts.get("native") or {}
+    plat = facts.get("platform") or {}
     if not any(n in pk for n in ("triton", "pytorch-triton")) or not torch_cuda(facts):
         return []
+    no_cc = "c_compiler" in plat and plat["c_compiler"] is None
     missing = []
-    if "c_compiler" in nat and nat["c_compiler"] is None:
+    if no_cc:
         missing.append("a C compiler (gcc or clang, or $CC)")
     if nat.get("python_headers") is False:
         missing.append(f"the Python {python_version(facts) or ''} headers (Python.h)".replace("  ", " "))
@@ -34,12 +36,12 @@ def triton_cannot_compile(facts, matrix):
         return []
     py = python_version(facts) or ""
     dev = f"python{'.'.join(py.split('.')[:2])}-dev" if py else "python3-dev"
-    pkgs = (["build-essential"] if nat.get("c_compiler") is None else []) + (
+    pkgs = (["build-essential"] if no_cc else []) + (
         [dev] if nat.get("python_headers") is False else [])
     sev = "error" if "unsloth" in pk else "warning"
     return [Finding("QD611", sev, f"Triton cannot build its kernels here: no {' and no '.join(missing)}",
                     [f"triton {pk.get('triton') or pk.get('pytorch-triton')} installed",
-                     f"native.c_compiler = {nat.get('c_compiler')}",
+                     f"platform.c_compiler = {plat.get('c_compiler')}",
                      f"native.python_headers = {nat.get('python_headers')}",
                      "error users see: Failed to find C compiler. Please specify via CC environment "
                      "variable."],
