@@ -159,8 +159,9 @@ def test_plan_json_round_trips():
 
 @pytest.mark.parametrize("row", memory.CALIBRATION)
 def test_estimate_within_15_percent_of_measured(row):
-    shape, mb, seq, ck, measured = row
-    est = memory.estimate(memory.Shape(**shape), micro_batch=mb, seq_len=seq, checkpointing=ck)
+    shape, mb, seq, ck, path, measured, _source = row
+    est = memory.estimate(memory.Shape(**shape), micro_batch=mb, seq_len=seq, checkpointing=ck, path=path,
+                          fused_loss=path == "fused")
     assert abs(est.total_gib / measured - 1) < 0.15
 
 

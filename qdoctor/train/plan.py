@@ -320,7 +320,8 @@ def _divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float):
+def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float,
+              fused: bool = False):
     """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails."""
     ck_opts = {"auto": (False, True), "on": (True,), "off": (False,)}[cfg.gradient_checkpointing]
     micros = [cfg.micro_batch] if cfg.micro_batch else _divisors_desc(batch)
@@ -339,6 +340,7 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 dtype=dtype,
                 optimizer=optimizer,
                 lora_r=cfg.lora_r,
+                fused_loss=fused,
             )
             if est.total_gib <= budget:
                 return mb, ck, est
@@ -373,6 +375,7 @@ def make_plan(
     )
     tokens = cfg.seq_len if cfg.packing else min(cfg.seq_len, max_len or cfg.seq_len)
     budget, budget_why = _budget_gib(facts, device.value)
+    fused = choose_fused_loss(cfg, facts, device.value, model_type)
     chosen = None
     for opt in optimizer_chain(cfg, facts, probes, device.value):
         fit = fit_batch(
@@ -384,6 +387,7 @@ def make_plan(
             dtype=dtype.value,
             optimizer=opt.value,
             budget=budget,
+            fused=fused.value == "liger",
         )
         if opt.value == "cpu_adamw" and chosen is None and fit is None:
             continue
@@ -402,6 +406,7 @@ def make_plan(
             dtype=dtype.value,
             optimizer=opt.value,
             lora_r=cfg.lora_r,
+            fused_loss=fused.value == "liger",
         )
         chosen = (opt, (mb, cfg.gradient_checkpointing != "off", est))
         findings.append(
@@ -481,7 +486,6 @@ def make_plan(
         dtype.value == "fp16",
         "fp16 needs dynamic loss scaling" if dtype.value == "fp16" else f"not needed with {dtype.value}",
     )
-    fused = choose_fused_loss(cfg, facts, device.value, model_type)
     comp = choose_compile(cfg, facts, device.value, dtype.value, ck, quant.value, shape, embedded)
     mem = {
         "device": device.value,
