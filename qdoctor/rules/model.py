@@ -89,7 +89,7 @@ def model_fit(facts, matrix):
     the longest sequence that fits. QD902 (warning): only sequences shorter than 2048 tokens fit.
     QD901 (error): not even one 512-token sequence with checkpointing fits; the fix names the memory needed
     and sharding the 4-bit weights over several GPUs with FSDP."""
-    from qdoctor.train.memory import estimate
+    from qdoctor.train.memory import estimate, path_of
 
     shape = _shape(facts)
     if shape is None:
@@ -104,7 +104,8 @@ def model_fit(facts, matrix):
         kept = GPU_RESERVE_GIB if "GPU" in label else CPU_RESERVE_GIB
         ev = [f"{label}: {budget:.1f} GiB usable ({kept:g} GiB kept for the runtime)",
               "estimate: qdoctor.train.memory (train's plan): NF4 + double quant, LoRA r=16 on all linear "
-              f"layers, paged AdamW 8-bit, {dtype} compute"]
+              f"layers, paged AdamW 8-bit, {dtype} compute, {path_of('nf4', dtype, False)} path, "
+              "no fused loss"]
         if p["longest"] is None:
             need = estimate(shape, micro_batch=1, seq_len=min(512, max_pos or 512), checkpointing=True,
                             dtype=dtype)
