@@ -2,7 +2,7 @@
 
 Each rule is registered with a stable code, a slug and an area; its docstring is its entry in
 the generated rule reference (docs/rules.md). A rule that raises is itself reported (QD001), so one
-broken rule never hides the others.
+broken rule never hides the others. Consequences are then linked to their causes (qdoctor.causes).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class Rule:
 REGISTRY: list[Rule] = []
 
 # Area modules, imported on first use so `import qdoctor.rules` stays cheap.
-_MODULES = ["platform", "nvidia", "torch", "bitsandbytes", "packages", "environment"]
+_MODULES = ["platform", "nvidia", "torch", "bitsandbytes", "packages", "environment",
+            "cuda_init", "native", "jetson", "extensions", "container", "model"]
 
 
 def rule(code: str, slug: str, area: str, also: Iterable[str] = ()):
@@ -70,4 +71,6 @@ def judge(facts: dict, matrix: dict) -> list[Finding]:
             title = f"rule {r.code} ({r.slug}) failed on these facts"
             findings.append(Finding("QD001", "warning", title, [tb],
                                     "please report this with `qdoctor check --format markdown`", r.area))
-    return findings
+    from qdoctor.causes import link
+
+    return link(findings, matrix)

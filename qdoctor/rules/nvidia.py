@@ -66,6 +66,8 @@ def no_gpu(facts, matrix):
     bitsandbytes >= 0.46, only slowly (info). An NVML error while a driver is present is a warning."""
     nv = _nv(facts)
     status = nv.get("status")
+    if (facts.get("driver") or {}).get("jetson"):
+        return []  # a Jetson has no NVML but a GPU (QD207)
     if status in ("no-nvml", "no-driver", "no-gpu"):
         what = {
             "no-nvml": "no NVML library (no NVIDIA driver installed)",
