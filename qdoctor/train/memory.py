@@ -49,6 +49,13 @@ CALIBRATION = [
     (SHAPE_1B, 8, 1024, False, "eager", 17.16, BENCH_H200),
     (SHAPE_1B, 8, 1024, False, "fused", 13.92, BENCH_H200),
 ]
+# held out (not used to fit ACT_BYTES): the plan's path on other shapes, bench/results/h200-2026-11-29-*.json
+# (shape, micro_batch, seq_len, packed, measured peak GiB)
+HELD_OUT_FUSED = [
+    (SHAPE_7B, 8, 1024, False, 39.29),
+    (SHAPE_7B, 2, 4096, True, 41.3),
+    (SHAPE_1B, 2, 4096, True, 16.5),
+]
 CALIBRATION_SOURCE = "measured H200 peaks (README, Measured; bench/results/)"
 
 
@@ -117,8 +124,12 @@ def estimate(
     lora_r: int = 16,
     path: str | None = None,
     fused_loss: bool = False,
+    packed: bool = False,
 ) -> Estimate:
-    """path: "upcast" | "eager" | "fused" (None: path_of(quantization, dtype, fused_loss))."""
+    """path: "upcast" | "eager" | "fused" (None: path_of(quantization, dtype, fused_loss)).
+    packed: rows hold several documents, so attention gets a dense document mask, which SDPA expands to
+    micro_batch x heads x seq x seq in the compute dtype (2.0 GiB at 2x4096 with 32 heads; measured on
+    the H200: +2.6 GiB on 1.1B, +2.0 GiB on 6.7B over the same tokens unpacked)."""
     path = path or path_of(quantization, dtype, fused_loss)
     lin = shape.layers * shape.linear_params_per_layer()
     if quantization in BITS_PER_PARAM:
@@ -135,6 +146,8 @@ def estimate(
         act = shape.layers * 4 * shape.hidden * tokens + per_layer
     else:
         act = shape.layers * per_layer
+    if packed:
+        act += micro_batch * shape.heads * seq_len**2 * DTYPE_BYTES.get(dtype, 2)
     logits = 0 if fused_loss else LOGIT_BYTES * shape.vocab * tokens
     parts = dict(
         weights_gib=(w_lin + w_other) / GIB,

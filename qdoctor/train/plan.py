@@ -342,6 +342,7 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 optimizer=optimizer,
                 lora_r=cfg.lora_r,
                 fused_loss=fused,
+                packed=cfg.packing,
             )
             if est.total_gib <= budget:
                 return mb, ck, est
@@ -408,6 +409,7 @@ def make_plan(
             optimizer=opt.value,
             lora_r=cfg.lora_r,
             fused_loss=fused.value == "liger",
+            packed=cfg.packing,
         )
         chosen = (opt, (mb, cfg.gradient_checkpointing != "off", est))
         findings.append(
