@@ -175,6 +175,16 @@ def load_tokenizer(src: ModelSource):
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+def _no_cpu_inference_repack(model) -> None:
+    """bitsandbytes >= 0.48 repacks 4-bit weights for a faster CPU inference path the first time a layer runs in
+    eval mode on a CPU with AVX512-BF16; the repack reshapes the absmax as if in_features were a multiple of the
+    block size, and fails otherwise (the embedded model's 352-wide MLP). Training evaluates between steps and
+    gains nothing from it, so it is turned off for the run."""
+    for mod in model.modules():
+        if getattr(mod, "support_avx512bf16_for_cpu", False):
+            mod.support_avx512bf16_for_cpu = False
+
+
 def load_for_training(src: ModelSource, plan, seed: int):
     """Base in the plan's quantization and dtype on the plan's device, LoRA on top. Returns the peft model."""
     import torch
@@ -207,6 +217,7 @@ def load_for_training(src: ModelSource, plan, seed: int):
         attn_implementation=plan.v("attention"),
     )
     model.config.use_cache = False
+    _no_cpu_inference_repack(model)
     if qcfg is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if plan.v("gradient_checkpointing"):
