@@ -11,9 +11,9 @@
   fp32 residual (4 x hidden) per layer plus one layer recomputed. Logits: vocab x 10 bytes per token
   (compute-dtype logits, their fp32 copy in the loss, and its gradient).
 
-ACT_BYTES = 20 is fitted to the measured H200 peaks in shared/facts/h200-2026-11-28.md (NF4 + DQ, bf16, LoRA
-r=16 on all linear layers, PagedAdamW8bit). `CALIBRATION` holds those rows; tests check the estimate
-against them (within 15%).
+ACT_BYTES = 20 is fitted to peaks measured on an H200 (NF4 + DQ, bf16, LoRA r=16 on all linear layers,
+PagedAdamW8bit), written up with the method in docs/memory-calibration.md. `CALIBRATION` holds those rows;
+tests check the estimate against them (within 15%).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ OPTIM_STATE_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "cpu_adamw": 0, "ad
 ACT_BYTES = 20
 LOGIT_BYTES = 10
 
-# (shape, micro_batch, seq_len, checkpointing, measured peak GiB) from shared/facts/h200-2026-11-28.md
+# (shape, micro_batch, seq_len, checkpointing, measured peak GiB): docs/memory-calibration.md
 SHAPE_1B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 SHAPE_7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
 CALIBRATION = [
@@ -40,7 +40,7 @@ CALIBRATION = [
     (SHAPE_7B, 2, 4096, True, 15.3),
     (SHAPE_7B, 2, 4096, False, 93.7),
 ]
-CALIBRATION_SOURCE = "shared/facts/h200-2026-11-28.md (measured peak GiB, H200, NF4+DQ, bf16, r=16)"
+CALIBRATION_SOURCE = "docs/memory-calibration.md (peaks measured on an H200: NF4+DQ, bf16, LoRA r=16)"
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,10 @@ def shape_from_config(cfg) -> Shape:
     """From a transformers config (or a dict of one)."""
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     heads = get("num_attention_heads")
+    hidden = get("hidden_size")
     return Shape(
-        hidden=get("hidden_size"),
-        intermediate=get("intermediate_size"),
+        hidden=hidden,
+        intermediate=get("intermediate_size") or get("n_inner") or 4 * hidden,  # GPT-2: n_inner None = 4x
         layers=get("num_hidden_layers"),
         heads=heads,
         kv_heads=get("num_key_value_heads") or heads,

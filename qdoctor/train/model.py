@@ -71,6 +71,113 @@ def resolve(model: str | None) -> ModelSource:
     raise ModelError(f"model path {model} does not exist")
 
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
+
+
+def check_weights(path: str) -> None:
+    """A local model directory holds weights, and every safetensors file is whole: read from the headers
+    alone (milliseconds), so a missing or truncated file is a one-line error before pre-flight, not a crash
+    minutes later."""
+    d = Path(path)
+    files = sorted({f for pat in WEIGHT_FILES for f in d.glob(pat) if f.is_file()})
+    if not files:
+        raise ModelError(
+            f"model directory {path} has a config.json but no weights (model.safetensors or "
+            "pytorch_model.bin)"
+        )
+    for index in d.glob("*.index.json"):
+        try:
+            shards = set((json.loads(index.read_text()).get("weight_map") or {}).values())
+        except (OSError, ValueError, AttributeError):
+            raise ModelError(f"model weight index {index} is not valid JSON") from None
+        missing = sorted(s for s in shards if not (d / s).is_file())
+        if missing:
+            raise ModelError(f"model directory {path} lacks weight shards named in {index.name}: "
+                             f"{', '.join(missing[:3])}")
+    for f in files:
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+
+
+def _check_safetensors(f: Path) -> None:
+    """The header (8-byte length, then JSON) parses and the file is as long as its tensors need."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or not 2 <= n <= min(size - 8, 100 * 2**20):
+                raise ValueError
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ModelError(f"model weights {f} are corrupt (not a safetensors file)") from None
+    if size < 8 + n + end:
+        raise ModelError(
+            f"model weights {f} are truncated ({size:,} bytes; its header needs {8 + n + end:,})"
+        )
+
+
+def fingerprint(src: ModelSource) -> str:
+    """What identifies the base model's math, for resume: the embedded config; a hub id; or a local
+    directory's content (small files whole; large ones by size and their first and last MiB, which differ
+    between any two checkpoints; fast on 100 GB)."""
+    h = hashlib.sha256()
+    if src.embedded:
+        h.update(json.dumps([embedded_config(), EMBEDDED_SEED], sort_keys=True).encode())
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            h.update((assets_dir() / name).read_bytes())
+        return "embedded:" + h.hexdigest()[:16]
+    if src.path is None:
+        return "hub:" + src.name
+    mib = 2**20
+    for f in sorted(Path(src.path).iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.suffix == ".md":
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 16 * mib:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(mib))
+                fh.seek(size - mib)
+                h.update(fh.read(mib))
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def check_causal_lm(config, name: str) -> None:
+    """qdoctor trains decoder-only causal LMs. Encoder models (BERT and kin) also have a causal-LM head class
+    in transformers, but it is meant for `is_decoder=True` configs: from an encoder checkpoint it would train
+    a bidirectional model on next-token loss."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    mtype = getattr(config, "model_type", None) or "?"
+    causal = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update(v if isinstance(v, (list, tuple)) else [v])
+    archs = list(getattr(config, "architectures", None) or [])
+    why = None
+    if getattr(config, "is_encoder_decoder", False):
+        why = f"it is an encoder-decoder model ({mtype})"
+    elif mtype not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        why = f"transformers has no causal-LM class for model type {mtype!r}"
+    elif archs and not any(a in causal for a in archs):
+        why = f"its architecture is {', '.join(archs)} ({mtype})"
+    elif mtype in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        why = f"{mtype} is an encoder (masked LM) and its config does not set is_decoder"
+    if why:
+        raise ModelError(f"model {name} is not a causal language model: {why}; qdoctor trains decoder-only "
+                         "LMs")
+
+
+def max_positions(config) -> int | None:
+    v = getattr(config, "max_position_embeddings", None)
+    return v if isinstance(v, int) and v > 0 else None
+
+
 def embedded_config() -> dict:
     return json.loads((assets_dir() / "tiny-llama.json").read_text())
 
@@ -176,10 +283,10 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _no_cpu_inference_repack(model) -> None:
-    """bitsandbytes >= 0.48 repacks 4-bit weights for a faster CPU inference path the first time a layer runs in
-    eval mode on a CPU with AVX512-BF16; the repack reshapes the absmax as if in_features were a multiple of the
-    block size, and fails otherwise (the embedded model's 352-wide MLP). Training evaluates between steps and
-    gains nothing from it, so it is turned off for the run."""
+    """bitsandbytes (0.50.2) repacks 4-bit weights for a faster CPU inference path the first time a layer
+    runs in eval mode on a CPU with AVX512-BF16; the repack reshapes the absmax as if in_features were a
+    multiple of the block size, and fails otherwise (the embedded model's 352-wide MLP). Training evaluates
+    between steps and gains nothing from it, so it is turned off for the run."""
     for mod in model.modules():
         if getattr(mod, "support_avx512bf16_for_cpu", False):
             mod.support_avx512bf16_for_cpu = False
@@ -209,13 +316,21 @@ def load_for_training(src: ModelSource, plan, seed: int):
     elif quant == "int8":
         qcfg = BitsAndBytesConfig(load_in_8bit=True)
     path = embedded_base_dir() if src.embedded else (src.path or src.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=qcfg,
-        dtype=dtype,
-        device_map={"": plan.v("device")},
-        attn_implementation=plan.v("attention"),
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=qcfg,
+            dtype=dtype,
+            device_map={"": plan.v("device")},
+            attn_implementation=plan.v("attention"),
+        )
+    except Exception as e:  # missing/corrupt weights, download or auth failures: bad input, one line
+        if "out of memory" in str(e).lower():
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelError(
+            f"cannot load the weights of model {src.name}: {type(e).__name__}: {first}"
+        ) from None
     model.config.use_cache = False
     _no_cpu_inference_repack(model)
     if qcfg is not None:

@@ -7,16 +7,15 @@ module walks them. The loop then executes the plan and never looks at the hardwa
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from qdoctor import strict_json
 from qdoctor.findings import Finding
 from qdoctor.train import memory
-from qdoctor.train.config import TrainConfig
+from qdoctor.train.config import DEFAULT_BATCH, TrainConfig, batch_split, resolve_seq_len
 
 EMBEDDED_LR, EMBEDDED_STEPS = 3e-3, 60
-DEFAULT_BATCH = 16
 GPU_HEADROOM = 0.85  # of free memory: the CUDA context, allocator fragmentation, the eval batch
 CPU_SHARE = 0.5  # of host RAM: the OS and the data loader keep the rest
 
@@ -36,6 +35,7 @@ class Plan:
     optimizer: Choice
     gradient_checkpointing: Choice
     attention: Choice
+    seq_len: Choice
     batch_size: Choice
     micro_batch: Choice
     grad_accum: Choice
@@ -63,7 +63,7 @@ class Plan:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)
+        return strict_json.dumps(self.to_dict(), indent=2)
 
     def render(self) -> str:
         lines = ["Plan (every setting, and why):"]
@@ -278,9 +278,8 @@ def _divisors_desc(n: int) -> list[int]:
 def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float):
     """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails."""
     ck_opts = {"auto": (False, True), "on": (True,), "off": (False,)}[cfg.gradient_checkpointing]
-    micros = [cfg.micro_batch] if cfg.micro_batch else _divisors_desc(batch)
-    if cfg.grad_accum and not cfg.micro_batch:
-        micros = [max(1, batch // cfg.grad_accum)]
+    fixed = batch_split(cfg)[1]
+    micros = [fixed] if fixed else _divisors_desc(batch)
     for ck in ck_opts:
         for mb in micros:
             if not ck and cfg.gradient_checkpointing == "auto" and mb < min(batch, 4):
@@ -310,22 +309,24 @@ def make_plan(
     embedded: bool,
     n_train: int,
     max_len: int | None = None,
+    max_positions: int | None = None,
+    resumed: dict | None = None,
 ) -> Plan:
+    """`resumed`: the run.json record of the run being continued; its max_steps and warmup are kept unless
+    set again, so extending a run with a larger --max-steps leaves its schedule as it was."""
     findings = []
     device = choose_device(cfg, facts, probes)
     dtype = choose_dtype(cfg, facts, probes, device.value)
     quant = choose_quantization(cfg, facts, probes)
-    if cfg.micro_batch and cfg.grad_accum:
-        batch = cfg.micro_batch * cfg.grad_accum
-    else:
-        batch = cfg.batch_size or DEFAULT_BATCH
+    batch = batch_split(cfg)[0]
     batch_c = Choice(
         batch,
         "set by you"
         if cfg.batch_size or (cfg.micro_batch and cfg.grad_accum)
         else f"{DEFAULT_BATCH} sequences per step (QLoRA's OASST1 run)",
     )
-    tokens = cfg.seq_len if cfg.packing else min(cfg.seq_len, max_len or cfg.seq_len)
+    seq_len = Choice(*resolve_seq_len(cfg, max_positions))
+    tokens = seq_len.value if cfg.packing else min(seq_len.value, max_len or seq_len.value)
     budget, budget_why = _budget_gib(facts, device.value)
     chosen = None
     for opt in optimizer_chain(cfg, facts, probes, device.value):
@@ -346,7 +347,7 @@ def make_plan(
             break
     if chosen is None:
         opt = optimizer_chain(cfg, facts, probes, device.value)[0]
-        mb = cfg.micro_batch or 1
+        mb = batch_split(cfg)[1] or 1
         est = memory.estimate(
             shape,
             micro_batch=mb,
@@ -375,6 +376,8 @@ def make_plan(
     mb_why = (
         "set by you"
         if cfg.micro_batch
+        else f"{batch} / grad_accum {cfg.grad_accum} (set by you)"
+        if cfg.grad_accum
         else f"largest that fits the estimate ({est.total_gib:.2f} GiB <= {budget:.1f} GiB: {budget_why})"
     )
     if cfg.gradient_checkpointing != "auto":
@@ -398,8 +401,11 @@ def make_plan(
         lr = Choice(1e-4, "QLoRA paper: 1e-4 for 33B/65B")
     else:
         lr = Choice(2e-4, "QLoRA paper: 2e-4 up to 13B")
+    prev = resumed or {}
     if cfg.max_steps:
         steps = Choice(cfg.max_steps, "set by you")
+    elif prev.get("max_steps"):
+        steps = Choice(prev["max_steps"], "the run being resumed")
     elif embedded:
         steps = Choice(
             EMBEDDED_STEPS, "embedded default: enough for the loss to fall clearly, under a minute on CPU"
@@ -407,13 +413,15 @@ def make_plan(
     else:
         steps = Choice(max(1, math.ceil(n_train / batch)), f"one epoch of {n_train} training examples")
     n = steps.value
-    warm = (
-        Choice(cfg.warmup_steps, "set by you")
-        if cfg.warmup_steps is not None
-        else Choice(
+    prev_warm = (prev.get("identity") or {}).get("warmup_steps")
+    if cfg.warmup_steps is not None:
+        warm = Choice(cfg.warmup_steps, "set by you")
+    elif isinstance(prev_warm, int):
+        warm = Choice(prev_warm, "the run being resumed (kept when --max-steps grows)")
+    else:
+        warm = Choice(
             round(0.03 * n), "3% of the steps, then constant (QLoRA: warmup_ratio 0.03, constant schedule)"
         )
-    )
     alpha = cfg.lora_alpha or 2 * cfg.lora_r
     lora = Choice(
         {"r": cfg.lora_r, "alpha": alpha, "dropout": cfg.lora_dropout, "targets": cfg.target_modules},
@@ -454,9 +462,13 @@ def make_plan(
         optimizer=opt,
         gradient_checkpointing=Choice(ck, ck_why),
         attention=attention,
+        seq_len=seq_len,
         batch_size=batch_c,
         micro_batch=Choice(mb, mb_why),
-        grad_accum=Choice(accum, f"{batch} / {mb}: same effective batch"),
+        grad_accum=Choice(
+            accum,
+            "set by you" if cfg.grad_accum else f"{batch} / {mb}: {accum} micro-batches of {mb} per step",
+        ),
         lr=lr,
         max_steps=steps,
         warmup_steps=warm,
