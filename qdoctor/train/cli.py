@@ -8,7 +8,6 @@ saved, and a command that continues the run).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shlex
@@ -24,7 +23,6 @@ from qdoctor.train.config import CHOICES, DEFAULT_BATCH, DEFAULT_SEQ_LEN
 EXIT_FINDINGS, EXIT_USAGE = 1, 2  # the same contract as qdoctor.cli (imported lazily there: no cycle)
 
 EMBEDDED_DATA = "qdoctor/instructions.jsonl"
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
 class BadInput(Exception):
@@ -43,7 +41,9 @@ def _fail(msg: str, code: int = EXIT_USAGE):
 
 def _opt(*names, default_text: str | None = None, **kw):
     """A flag that defaults to "not set" (the TOML file, else the plan, decides); --help shows the default."""
-    return click.option(*names, default=None, show_default=default_text or False, **kw)
+    if default_text:
+        kw["help"] = (kw.get("help", "") + f"  [default: {default_text}]").strip()
+    return click.option(*names, default=None, **kw)
 
 
 def _choice(name: str) -> str:
@@ -51,8 +51,8 @@ def _choice(name: str) -> str:
 
 
 EPILOG = """\b
-Every flag is also a key of the --config TOML file, spelled with underscores (a [train] table or the top
-level; a flag given on the command line wins over the file), for example:
+Every flag is also a key of the --config TOML file, with underscores (in a
+[train] table or at the top level; a flag on the command line wins), e.g.:
   [train]
   model = "./my-model"
   data = "train.jsonl"
@@ -61,11 +61,13 @@ level; a flag given on the command line wins over the file), for example:
   gradient_checkpointing = "on"
 
 \b
-Runs go to ./runs/<model>-<date>-<time>/ unless --output is given: run.json, plan.json, metrics.jsonl (one
-line per step), checkpoint/, summary.json, loss.png, and adapter/ when the run completes.
---resume continues a run from its checkpoint with the same settings; --max-steps may grow (the warmup stays
-as first planned) and --micro-batch may change (the loss is normalised by label tokens: same math).
-Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input, 130 interrupted (checkpoint saved).
+Runs go to ./runs/<model>-<date>-<time>/ unless --output is given: run.json,
+plan.json, metrics.jsonl (a line per step), checkpoint/, summary.json,
+loss.png, and adapter/ once the run completes. --resume continues a run from
+its checkpoint with the same settings: --max-steps may grow (the warmup stays
+as planned) and --micro-batch may change (the loss is normalised by label
+tokens: same math). Exit codes: 0 done, 1 refused or stopped with a
+diagnosis, 2 bad input (nothing written), 130 interrupted (checkpoint saved).
 """
 
 
@@ -96,8 +98,8 @@ Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input, 130 inte
 @_opt("--grad-accum", type=int, default_text="batch-size / micro-batch", help="Micro-batches per step.")
 @_opt("--seq-len", type=int, default_text=f"{DEFAULT_SEQ_LEN}, or the model's max positions if fewer",
       help="Tokens per sequence; longer records are cut (and counted).")
-@click.option("--packing/--no-packing", default=None, show_default="off",
-              help="Pack examples into full --seq-len sequences.")
+@click.option("--packing/--no-packing", default=None,
+              help="Pack examples into full --seq-len sequences.  [default: off]")
 @_opt("--weight-decay", type=float, default_text="0")
 @_opt("--max-grad-norm", type=float, default_text="0.3", help="Gradient clipping.")
 @_opt("--eval-fraction", type=float, default_text="0.1", help="Share of records held out for evaluation.")
@@ -187,20 +189,14 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
         code = _run(cfg, plan, setup, pf, ident, resume, as_json, t_start, hint)
     except (ModelError, RunDirError) as e:
         _fail(str(e))
-    except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
+    except Exception as e:  # the disk filled up, or the output turned read-only: bad input, not a bug
+        why = rundir.write_failure(e)
+        if why is None:
             raise
-        _fail(_write_error(setup["output"], e))
+        step = rundir.checkpoint_step(setup["output"])
+        kept = f"; the checkpoint of step {step} is intact; free space, then: {hint}" if step else ""
+        _fail(f"cannot write to {setup['output']}: {why}{kept}")
     sys.exit(code)
-
-
-def _write_error(output: Path, e: OSError) -> str:
-    from qdoctor.train import rundir
-
-    where = f" ({e.filename})" if e.filename else ""
-    step = rundir.checkpoint_step(output)
-    kept = f"; the checkpoint of step {step} is intact (continue with --resume)" if step else ""
-    return f"cannot write to {output}: {e.strerror or e}{where}{kept}"
 
 
 def resume_command(ctx: click.Context, output: Path) -> str:

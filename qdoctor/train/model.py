@@ -317,12 +317,13 @@ def load_for_training(src: ModelSource, plan, seed: int):
         qcfg = BitsAndBytesConfig(load_in_8bit=True)
     path = embedded_base_dir() if src.embedded else (src.path or src.name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=qcfg,
             dtype=dtype,
             device_map={"": plan.v("device")},
             attn_implementation=plan.v("attention"),
+            output_loading_info=True,
         )
     except Exception as e:  # missing/corrupt weights, download or auth failures: bad input, one line
         if "out of memory" in str(e).lower():
@@ -331,6 +332,12 @@ def load_for_training(src: ModelSource, plan, seed: int):
         raise ModelError(
             f"cannot load the weights of model {src.name}: {type(e).__name__}: {first}"
         ) from None
+    missing = list((info or {}).get("missing_keys") or [])
+    if missing:  # transformers would initialise them at random and train on that
+        raise ModelError(
+            f"the weights of model {src.name} lack {len(missing)} tensors its config needs (e.g. "
+            f"{sorted(missing)[0]}): they would start from random values"
+        )
     model.config.use_cache = False
     _no_cpu_inference_repack(model)
     if qcfg is not None:

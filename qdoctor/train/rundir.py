@@ -10,6 +10,7 @@ pre-flight without writing anything (a fast one-line error), and again under the
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -95,6 +96,26 @@ def check_identity(output: Path, old: dict, new: dict) -> None:
             f"output directory {output} holds a different run (differs in {', '.join(diff)}: {shown}); "
             "resume it with the same settings or choose a fresh --output"
         )
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+# how a failed write reads when it comes from torch's zip writer or safetensors' Rust writer, not an OSError
+SPACE_TEXTS = ("No space left", "os error 28", "Disk quota exceeded", "os error 122")
+WRITE_TEXTS = ("Read-only file system", "os error 30", "PytorchStreamWriter failed", "unexpected pos",
+               "file write failed")
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why writing the run failed, when `e` is the storage refusing (full disk, quota, read-only,
+    permissions) rather than a bug; None otherwise."""
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        return (e.strerror or str(e)) + (f" ({e.filename})" if e.filename else "")
+    text = str(e)
+    if any(t in text for t in SPACE_TEXTS):
+        return "No space left on device"
+    if any(t in text for t in WRITE_TEXTS):
+        return "a write failed (is the disk full or read-only?)"
+    return None
 
 
 def checkpoint_step(output: Path) -> int | None:
