@@ -95,7 +95,11 @@ def encode(row: dict, tok) -> tuple[list[int], list[int]]:
         msgs = row["messages"][: last + 1]  # the loss is on the last assistant turn; nothing after it
         if has_template:
             full = tok.apply_chat_template(msgs, tokenize=False)
-            prompt = tok.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+            prompt = (
+                tok.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+                if last
+                else _opening_prompt(tok, full)
+            )
         else:
             full = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + eos
             prompt = "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:last]) + "assistant: "
@@ -111,6 +115,17 @@ def encode(row: dict, tok) -> tuple[list[int], list[int]]:
         )
         return _split(tok, p, full)
     return _split(tok, prompt, prompt + completion + eos)
+
+
+def _opening_prompt(tok, full: str) -> str:
+    """The text before the first turn's content when the assistant speaks first: templates refuse an
+    empty conversation, so the assistant header is found as what `add_generation_prompt` appends."""
+    probe = [{"role": "user", "content": ""}]
+    with_header = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    without = tok.apply_chat_template(probe, tokenize=False)
+    header = with_header[len(without):] if with_header.startswith(without) else ""
+    at = full.find(header) if header else -1
+    return full[: at + len(header)] if at >= 0 else ""
 
 
 def _split(tok, prompt: str, full: str) -> tuple[list[int], list[int]]:
