@@ -66,8 +66,9 @@ plan.json, metrics.jsonl (a line per step), checkpoint/, summary.json,
 loss.png, and adapter/ once the run completes. --resume continues a run from
 its checkpoint with the same settings: --max-steps may grow (the warmup stays
 as planned) and --micro-batch may change (the loss is normalised by label
-tokens: same math). Exit codes: 0 done, 1 refused or stopped with a
-diagnosis, 2 bad input (nothing written), 130 interrupted (checkpoint saved).
+tokens: the same gradient, LoRA dropout drawing its masks in another order).
+Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input
+(nothing written), 130 interrupted (checkpoint saved).
 """
 
 
@@ -375,7 +376,8 @@ def _train(cfg, plan, setup, pf, resume, as_json, t_start, hint, model, base_pat
             run.micro = st["micro_batch"]  # as saved: it may have backed off after an out-of-memory
         elif cfg.micro_batch != st["micro_batch"]:
             out(f"note: micro-batch {cfg.micro_batch} (the checkpoint ran {st['micro_batch']}): the loss is "
-                "normalised by label tokens, so the math is unchanged\n", err=True)
+                "normalised by label tokens, so the gradient is the same (dropout masks are drawn in "
+                "another order)\n", err=True)
         run.history = loop.truncate_metrics(output, run.step)
         run.skipped = sum(1 for h in run.history if h.get("skipped"))
         first_eval = _first_eval(output)

@@ -17,6 +17,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,7 +195,9 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
     else:
         run.optimizer.zero_grad(set_to_none=True)  # skipped: the NaN/inf gradient never reaches the weights
     run.scaler.update()  # with fp16 loss scaling, a skipped step lowers the scale
-    run.scheduler.step()  # the schedule stays a function of the step, skipped or not
+    with warnings.catch_warnings():  # torch warns when a skipped first step leaves the optimizer unstepped
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()  # the schedule stays a function of the step, skipped or not
     return total, gn
 
 
