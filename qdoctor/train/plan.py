@@ -467,7 +467,9 @@ def make_plan(
         micro_batch=Choice(mb, mb_why),
         grad_accum=Choice(
             accum,
-            "set by you" if cfg.grad_accum else f"{batch} / {mb}: {accum} micro-batches of {mb} per step",
+            "set by you"
+            if cfg.grad_accum
+            else f"{batch} / {mb}: {accum} micro-batch{'es' if accum > 1 else ''} of {mb} per step",
         ),
         lr=lr,
         max_steps=steps,
