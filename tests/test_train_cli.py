@@ -318,6 +318,7 @@ def test_refusals_come_before_preflight_and_write_nothing(tmp_path, no_preflight
         (["--resume"], tmp_path / "typo", "does not exist"),
         (["--resume", "--max-steps", "3"], done, "below the 5 steps"),
         ([], busy, f"in use by another qdoctor train (pid {os.getpid()})"),
+        (["--resume", "--max-steps", "9"], done, "holds a different run (differs in batch_size, data_sha256"),
     ]
     try:
         for args, output, needle in cases:

@@ -268,6 +268,11 @@ def _setup(cfg, resume: bool) -> dict:
     )
     from qdoctor.train import memory
 
+    data_hash = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()[:16]
+    model_hash = M.fingerprint(src)
+    if previous:  # what can be compared before pre-flight is, so a mistyped resume fails fast
+        early = _early_identity(cfg, model_hash, data_hash, seq_len)
+        rundir.check_identity(output, {"identity": {k: previous["identity"].get(k) for k in early}}, early)
     return {
         "src": src,
         "tok": tok,
@@ -279,8 +284,25 @@ def _setup(cfg, resume: bool) -> dict:
         "previous": previous,
         "data_name": cfg.data or EMBEDDED_DATA,
         "data_path": str(Path(data_path).resolve()),
-        "data_hash": hashlib.sha256(Path(data_path).read_bytes()).hexdigest()[:16],
-        "model_hash": M.fingerprint(src),
+        "data_hash": data_hash,
+        "model_hash": model_hash,
+    }
+
+
+def _early_identity(cfg, model_hash: str, data_hash: str, seq_len: int) -> dict:
+    """The part of the identity known before the plan (which needs pre-flight)."""
+    from qdoctor.train.config import batch_split
+
+    return {
+        "model": model_hash,
+        "data_sha256": data_hash,
+        "seed": cfg.seed,
+        "batch_size": batch_split(cfg)[0],
+        "seq_len": seq_len,
+        "packing": cfg.packing,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "eval_fraction": cfg.eval_fraction,
     }
 
 
@@ -289,18 +311,10 @@ def _identity(cfg, plan, setup) -> dict:
     max_steps (a run may be extended), micro-batch (the loss is normalised by label tokens), eval/save
     cadence, attention kernel and checkpointing (same numbers)."""
     return {
-        "model": setup["model_hash"],
-        "data_sha256": setup["data_hash"],
-        "seed": cfg.seed,
+        **_early_identity(cfg, setup["model_hash"], setup["data_hash"], plan.v("seq_len")),
         "lr": plan.v("lr"),
         "lora": plan.v("lora"),
-        "batch_size": plan.v("batch_size"),
-        "seq_len": plan.v("seq_len"),
-        "packing": cfg.packing,
         "warmup_steps": plan.v("warmup_steps"),
-        "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm,
-        "eval_fraction": cfg.eval_fraction,
         "dtype": plan.v("dtype"),
         "quantization": plan.v("quantization"),
         "optimizer": plan.v("optimizer"),
