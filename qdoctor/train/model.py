@@ -282,16 +282,6 @@ def load_tokenizer(src: ModelSource):
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _no_cpu_inference_repack(model) -> None:
-    """bitsandbytes (0.50.2) repacks 4-bit weights for a faster CPU inference path the first time a layer
-    runs in eval mode on a CPU with AVX512-BF16; the repack reshapes the absmax as if in_features were a
-    multiple of the block size, and fails otherwise (the embedded model's 352-wide MLP). Training evaluates
-    between steps and gains nothing from it, so it is turned off for the run."""
-    for mod in model.modules():
-        if getattr(mod, "support_avx512bf16_for_cpu", False):
-            mod.support_avx512bf16_for_cpu = False
-
-
 def load_for_training(src: ModelSource, plan, seed: int):
     """Base in the plan's quantization and dtype on the plan's device, LoRA on top. Returns the peft model."""
     import torch
@@ -339,8 +329,11 @@ def load_for_training(src: ModelSource, plan, seed: int):
             f"{sorted(missing)[0]}): they would start from random values"
         )
     model.config.use_cache = False
-    _no_cpu_inference_repack(model)
-    if qcfg is not None:
+    if str(plan.v("device")) == "cpu":
+        keep_cpu_4bit_layout(model)
+    if qcfg is not None and plan.v("dtype") == "fp16":
+        # fp16 only: norms and embeddings in fp32 keep loss scaling stable. With bf16 or fp32 compute the
+        # upcast only costs memory and time (H200, 1.1B, 8x1024: 25.3 -> 17.2 GiB, bench/results).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if plan.v("gradient_checkpointing"):
         kw = {"use_reentrant": False}
@@ -358,4 +351,32 @@ def load_for_training(src: ModelSource, plan, seed: int):
         target_modules=lora["targets"],
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, cfg), path
+    model = get_peft_model(model, cfg)
+    apply_speed(model, plan)
+    return model, path
+
+
+def apply_speed(model, plan) -> None:
+    """The speed means the plan chose (qdoctor.train.speed); each was checked available when planned."""
+    from qdoctor.train import speed
+
+    fused = getattr(plan, "fused_loss", None)
+    if fused is not None and fused.value == "liger":
+        speed.apply_liger(model, model.config.model_type, parts=("fused_linear_cross_entropy",))
+    comp = getattr(plan, "compile", None)
+    if comp is not None and comp.value:
+        speed.compile_layers(model)
+
+
+def keep_cpu_4bit_layout(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50's Linear4bit repacks its weights for an inference kernel
+    on the first eval-mode forward without gradients, and unpacks them in state_dict(). The repack
+    crashes when in_features is not a multiple of the blocksize ("shape '[128, 5]' is invalid for input
+    of size 704", seen on the embedded model's evaluation) and each pack/unpack cycle moves the logits by
+    ~1e-3, which breaks exact resume. Source: bitsandbytes nn/modules.py, Linear4bit.forward.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
