@@ -115,6 +115,10 @@ Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input
 @_opt("--gradient-checkpointing", metavar=_choice("gradient_checkpointing"),
       default_text="auto: on when activations do not fit")
 @_opt("--attention", metavar=_choice("attention"), default_text="auto: sdpa")
+@_opt("--fused-loss", metavar=_choice("fused_loss"), default_text="auto: liger-kernel where it is installed",
+      help="Fused linear + cross-entropy: the logits are never materialised.")
+@_opt("--compile", metavar=_choice("compile"), default_text="auto: on GPUs where it was measured faster",
+      help="torch.compile each decoder layer.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the memory estimate, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary (or plan) on stdout.")
@@ -174,6 +178,7 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
         max_len=setup["ds"].max_len,
         max_positions=setup["max_positions"],
         resumed=setup["previous"],
+        model_type=setup["model_type"],
     )
     if dry_run:
         out(plan.to_json() + "\n" if as_json else plan.render())
@@ -280,6 +285,7 @@ def _setup(cfg, resume: bool) -> dict:
         "data_notes": ds.notes(),
         "shape": memory.shape_from_config(mcfg),
         "max_positions": max_positions,
+        "model_type": getattr(mcfg, "model_type", None),
         "output": output,
         "previous": previous,
         "data_name": cfg.data or EMBEDDED_DATA,
