@@ -20,7 +20,7 @@ from qdoctor.train import checkpoint, loop, rundir
 from qdoctor.train import config as C
 from qdoctor.train import data as D
 from qdoctor.train import model as M
-from qdoctor.train.plan import make_plan
+from qdoctor.train.plan import Choice, make_plan
 
 
 def strict_loads(text: str):
@@ -59,7 +59,7 @@ def test_valid_batch_splits_cover_every_example(cfg, split):
     assert C.batch_split(C.build(None, cfg)) == split
     p = make_plan(C.build(None, cfg), CPU_FACTS, PASS, shape=SHAPE_1B, model_name="m", embedded=False,
                   n_train=100, max_len=64)
-    assert p.v("micro_batch") * p.v("grad_accum") == p.v("batch_size") == split[0]
+    assert p.micro_batch.value * p.grad_accum.value == p.batch_size.value == split[0]
 
 
 def test_train_step_never_trains_a_partial_step():
@@ -94,12 +94,15 @@ class ToyLM:
 
 
 class Plan:
-    def __init__(self, **kw):
-        self.d = dict(dtype="fp32", max_grad_norm=1.0, batch_size=4, max_steps=4, eval_every=100,
-                      save_every=100, loss_scaling=False, **kw)
+    """The plan fields the loop reads."""
 
-    def v(self, k):
-        return self.d[k]
+    def __init__(self):
+        self.set(dtype="fp32", max_grad_norm=1.0, batch_size=4, max_steps=4, eval_every=100, save_every=100,
+                 loss_scaling=False)
+
+    def set(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, Choice(v, "test"))
 
 
 @pytest.fixture
@@ -146,7 +149,7 @@ def test_a_nan_gradient_step_is_skipped_counted_and_written_as_null(toy):
 
 
 def test_nan_gradients_in_a_row_stop_the_run_and_never_reach_a_checkpoint(toy):
-    toy.plan.d.update(max_steps=10, save_every=1)
+    toy.plan.set(max_steps=10, save_every=1)
     toy.poison = {2, 3, 4, 5}
     with pytest.raises(loop.StopRun) as e:
         loop.fit(toy, lambda run, rec: None)
@@ -168,7 +171,7 @@ def test_a_checkpoint_is_never_written_from_non_finite_weights(toy):
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_sigint_and_sigterm_save_a_checkpoint_and_stop(toy, sig):
-    toy.plan.d.update(max_steps=50)
+    toy.plan.set(max_steps=50)
     before = signal.getsignal(signal.SIGTERM)
 
     def progress(run, rec):
@@ -352,12 +355,12 @@ def resumed_plan(**cfg):
 def test_extending_a_run_keeps_its_warmup_and_max_steps():
     fresh = make_plan(C.build(None, {"max_steps": 400}), CPU_FACTS, PASS, shape=SHAPE_1B, model_name="m",
                       embedded=False, n_train=1000, max_len=64)
-    assert fresh.v("warmup_steps") == 12  # 3% of 400: what a resume must not switch to
+    assert fresh.warmup_steps.value == 12  # 3% of 400: what a resume must not switch to
     p = resumed_plan(max_steps=400)
-    assert p.v("max_steps") == 400 and p.v("warmup_steps") == 3 and "resumed" in p.warmup_steps.reason
+    assert p.max_steps.value == 400 and p.warmup_steps.value == 3 and "resumed" in p.warmup_steps.reason
     p = resumed_plan()
-    assert p.v("max_steps") == 100 and "resumed" in p.max_steps.reason
-    assert resumed_plan(warmup_steps=5).v("warmup_steps") == 5
+    assert p.max_steps.value == 100 and "resumed" in p.max_steps.reason
+    assert resumed_plan(warmup_steps=5).warmup_steps.value == 5
 
 
 def test_identity_differences_are_named(tmp_path):
@@ -443,7 +446,7 @@ def test_the_summary_says_what_final_loss_is():
     from qdoctor.train.cli import _human
 
     run = SimpleNamespace(step=3, elapsed=1.0, tokens=10, micro=1, skipped=1)
-    plan = SimpleNamespace(v=lambda k: "cpu", to_dict=lambda: {})
+    plan = SimpleNamespace(device=Choice("cpu", "test"), to_dict=lambda: {})
     s = summary.build(plan=plan, fingerprint=None, history=[{"loss": x} for x in (3.0, 2.0, 1.0)], run=run,
                       wall_s=1.0, status="completed", output="o", adapter_dir=None, first_eval=None)
     assert s["final_loss"] == 2.0 and s["final_loss_note"] == "mean of the last 3 steps"

@@ -8,25 +8,26 @@ saved, and a command that continues the run).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from qdoctor.redact import redact
 from qdoctor.train.config import CHOICES, DEFAULT_BATCH, DEFAULT_SEQ_LEN
 
+if TYPE_CHECKING:  # the modules load lazily: `qdoctor train --help` and bad input stay fast
+    from qdoctor.train.config import TrainConfig
+    from qdoctor.train.plan import Plan
+    from qdoctor.train.preflight import Preflight
+    from qdoctor.train.setup import Setup
+
 EXIT_FINDINGS, EXIT_USAGE = 1, 2  # the same contract as qdoctor.cli (imported lazily there: no cycle)
 
-EMBEDDED_DATA = "qdoctor/instructions.jsonl"
-
-
-class BadInput(Exception):
-    pass
 
 
 def out(text: str, err: bool = False) -> None:
@@ -131,16 +132,17 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
     from qdoctor.train.data import DataError
     from qdoctor.train.model import ModelError
     from qdoctor.train.rundir import RunDirError
+    from qdoctor.train.setup import identity, prepare
 
     t_start = time.perf_counter()
     if target_modules is not None:
         flags["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()] or ""
     try:
         cfg = C.build(C.load_toml(config_file) if config_file else None, flags)
-        setup = _setup(cfg, resume)
-    except (C.ConfigError, DataError, ModelError, RunDirError, BadInput) as e:
+        setup = prepare(cfg, resume)
+    except (C.ConfigError, DataError, ModelError, RunDirError) as e:
         _fail(str(e))
-    for note in setup["data_notes"]:
+    for note in setup.data_notes:
         out(f"note: {note}\n", err=True)
     from qdoctor.smoke.runner import ProbeUsageError
     from qdoctor.train import plan as P
@@ -171,26 +173,26 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
         cfg,
         pf.facts,
         pf.probes,
-        shape=setup["shape"],
-        model_name=setup["src"].name,
-        embedded=setup["src"].embedded,
-        n_train=len(setup["ds"].train),
-        max_len=setup["ds"].max_len,
-        max_positions=setup["max_positions"],
-        resumed=setup["previous"],
-        model_type=setup["model_type"],
+        shape=setup.shape,
+        model_name=setup.src.name,
+        embedded=setup.src.embedded,
+        n_train=len(setup.ds.train),
+        max_len=setup.ds.max_len,
+        max_positions=setup.max_positions,
+        resumed=setup.previous,
+        model_type=setup.model_type,
     )
     if dry_run:
         out(plan.to_json() + "\n" if as_json else plan.render())
         sys.exit(0)
-    ident = _identity(cfg, plan, setup)
+    ident = identity(cfg, plan, setup)
     try:
-        if setup["previous"]:
-            rundir.check_identity(setup["output"], setup["previous"], ident)
+        if setup.previous:
+            rundir.check_identity(setup.output, setup.previous, ident)
     except RunDirError as e:
         _fail(str(e))
     out(plan.render(), err=True)
-    hint = resume_command(ctx, setup["output"])
+    hint = resume_command(ctx, setup.output)
     try:
         code = _run(cfg, plan, setup, pf, ident, resume, as_json, t_start, hint)
     except (ModelError, RunDirError) as e:
@@ -199,9 +201,9 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
         why = rundir.write_failure(e)
         if why is None:
             raise
-        step = rundir.checkpoint_step(setup["output"])
+        step = rundir.checkpoint_step(setup.output)
         kept = f"; the checkpoint of step {step} is intact; free space, then: {hint}" if step else ""
-        _fail(f"cannot write to {setup['output']}: {why}{kept}")
+        _fail(f"cannot write to {setup.output}: {why}{kept}")
     sys.exit(code)
 
 
@@ -230,112 +232,16 @@ def resume_command(ctx: click.Context, output: Path) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-def _setup(cfg, resume: bool) -> dict:
-    """Every input validated before anything is written: first what needs no ML import (the data file, the
-    output directory, the model directory's weights, the batch split: a bad one fails in well under a
-    second), then what needs the tokenizer and the model config (its class, its positions, the targets)."""
-    from qdoctor.train import config as C
-    from qdoctor.train import data as D
-    from qdoctor.train import model as M
-    from qdoctor.train import rundir
-
-    if resume and not cfg.output:
-        raise BadInput("--resume needs --output DIR (the run to continue)")
-    src = M.resolve(cfg.model)
-    if src.path:
-        M.check_weights(src.path)
-    data_path = cfg.data or str(M.assets_dir() / "instructions.jsonl")
-    rows = D.read_jsonl(data_path)
-    output = (
-        Path(cfg.output)
-        if cfg.output
-        else Path("runs") / (Path(src.name).name + time.strftime("-%Y%m%d-%H%M%S"))
-    )
-    previous = rundir.check(output, resume)
-    done = rundir.checkpoint_step(output) if previous else None
-    if done and cfg.max_steps and cfg.max_steps < done:
-        raise BadInput(f"--max-steps {cfg.max_steps} is below the {done} steps the run in {output} has done")
-    tok = M.load_tokenizer(src)
-    mcfg = M.load_config(src)
-    M.check_causal_lm(mcfg, src.name)
-    max_positions = M.max_positions(mcfg)
-    seq_len, _ = C.resolve_seq_len(cfg, max_positions)
-    skel = M.meta_model(mcfg)
-    M.check_targets(cfg.target_modules, skel, src.name)
-    ds = D.build(
-        rows,
-        tok,
-        seq_len=seq_len,
-        eval_fraction=cfg.eval_fraction,
-        seed=cfg.seed,
-        packing=cfg.packing,
-        source=cfg.data or EMBEDDED_DATA,
-    )
-    from qdoctor.train import memory
-
-    data_hash = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()[:16]
-    model_hash = M.fingerprint(src)
-    if previous:  # what can be compared before pre-flight is, so a mistyped resume fails fast
-        early = _early_identity(cfg, model_hash, data_hash, seq_len)
-        rundir.check_identity(output, {"identity": {k: previous["identity"].get(k) for k in early}}, early)
-    return {
-        "src": src,
-        "tok": tok,
-        "ds": ds,
-        "data_notes": ds.notes(),
-        "shape": memory.shape_from_config(mcfg),
-        "max_positions": max_positions,
-        "model_type": getattr(mcfg, "model_type", None),
-        "output": output,
-        "previous": previous,
-        "data_name": cfg.data or EMBEDDED_DATA,
-        "data_path": str(Path(data_path).resolve()),
-        "data_hash": data_hash,
-        "model_hash": model_hash,
-    }
-
-
-def _early_identity(cfg, model_hash: str, data_hash: str, seq_len: int) -> dict:
-    """The part of the identity known before the plan (which needs pre-flight)."""
-    from qdoctor.train.config import batch_split
-
-    return {
-        "model": model_hash,
-        "data_sha256": data_hash,
-        "seed": cfg.seed,
-        "batch_size": batch_split(cfg)[0],
-        "seq_len": seq_len,
-        "packing": cfg.packing,
-        "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm,
-        "eval_fraction": cfg.eval_fraction,
-    }
-
-
-def _identity(cfg, plan, setup) -> dict:
-    """What changes the math of a run: content (not paths) and every resolved hyperparameter. Not here:
-    max_steps (a run may be extended), micro-batch (the loss is normalised by label tokens), eval/save
-    cadence, attention kernel and checkpointing (same numbers)."""
-    return {
-        **_early_identity(cfg, setup["model_hash"], setup["data_hash"], plan.v("seq_len")),
-        "lr": plan.v("lr"),
-        "lora": plan.v("lora"),
-        "warmup_steps": plan.v("warmup_steps"),
-        "dtype": plan.v("dtype"),
-        "quantization": plan.v("quantization"),
-        "optimizer": plan.v("optimizer"),
-    }
-
-
-def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start, hint) -> int:
+def _run(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, ident: dict, resume: bool, as_json: bool,
+         t_start: float, hint: str) -> int:
     """Load the model, then lock the run directory, write the run record and train."""
     from qdoctor.atomic import write_text
     from qdoctor.train import checkpoint, rundir
     from qdoctor.train import model as M
 
-    output: Path = setup["output"]
+    output: Path = setup.output
     # the model loads before anything is written: a bad model leaves no run behind to refuse a retry
-    model, base_path = M.load_for_training(setup["src"], plan, cfg.seed)
+    model, base_path = M.load_for_training(setup.src, plan, cfg.seed)
     lock = rundir.Lock(output)
     try:
         previous = rundir.check(output, resume, locked=True)  # again, now that no one else can write here
@@ -345,10 +251,10 @@ def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start, hint) -> int:
         rundir.write_record(
             output,
             ident,
-            max_steps=plan.v("max_steps"),
+            max_steps=plan.max_steps.value,
             created=(previous or {}).get("created") or time.time(),
-            model=setup["src"].name if not setup["src"].path else str(Path(setup["src"].path).resolve()),
-            data=setup["data_path"],
+            model=setup.src.name if not setup.src.path else str(Path(setup.src.path).resolve()),
+            data=setup.data_path,
         )
         write_text(output / "plan.json", plan.to_json() + "\n")
         return _train(cfg, plan, setup, pf, resume, as_json, t_start, hint, model, base_path)
@@ -356,7 +262,8 @@ def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start, hint) -> int:
         lock.release()
 
 
-def _train(cfg, plan, setup, pf, resume, as_json, t_start, hint, model, base_path) -> int:
+def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bool, as_json: bool,
+           t_start: float, hint: str, model, base_path: str) -> int:
     import torch
 
     from qdoctor import strict_json
@@ -364,27 +271,27 @@ def _train(cfg, plan, setup, pf, resume, as_json, t_start, hint, model, base_pat
     from qdoctor.train import checkpoint, loop, optim, summary
     from qdoctor.train import model as M
 
-    output: Path = setup["output"]
-    opt = optim.build(plan.v("optimizer"), model.parameters(), plan.v("lr"), cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.schedule(plan.v("warmup_steps")))
-    dev = plan.v("device")
-    scaler = torch.amp.GradScaler(dev.split(":")[0], enabled=plan.v("loss_scaling"))
-    tok = setup["tok"]
+    output: Path = setup.output
+    opt = optim.build(plan.optimizer.value, model.parameters(), plan.lr.value, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.schedule(plan.warmup_steps.value))
+    dev = plan.device.value
+    scaler = torch.amp.GradScaler(dev.split(":")[0], enabled=plan.loss_scaling.value)
+    tok = setup.tok
     run = loop.Run(
         model,
         opt,
         sched,
         scaler,
-        setup["ds"].train,
-        setup["ds"].eval,
+        setup.ds.train,
+        setup.ds.eval,
         plan,
         output,
         cfg.seed,
         tok.pad_token_id,
         dev,
-        getattr(torch, M.TORCH_DTYPES[plan.v("dtype")]),
+        getattr(torch, M.TORCH_DTYPES[plan.dtype.value]),
         log=lambda m: out(f"note: {m}\n", err=True),
-        micro=plan.v("micro_batch"),
+        micro=plan.micro_batch.value,
         log_every=cfg.log_every,
     )
     run.stop_after = _test_stop_after()
@@ -401,7 +308,7 @@ def _train(cfg, plan, setup, pf, resume, as_json, t_start, hint, model, base_pat
         run.history = loop.truncate_metrics(output, run.step)
         run.skipped = sum(1 for h in run.history if h.get("skipped"))
         first_eval = _first_eval(output)
-        out(f"note: resuming from step {run.step} of {plan.v('max_steps')} (checkpoint in "
+        out(f"note: resuming from step {run.step} of {plan.max_steps.value} (checkpoint in "
             f"{output / 'checkpoint'})\n", err=True)
     else:
         if resume:
@@ -436,7 +343,7 @@ def _train(cfg, plan, setup, pf, resume, as_json, t_start, hint, model, base_pat
         output=output,
         adapter_dir=adapter,
         first_eval=first_eval,
-        data=setup["ds"].to_dict(),
+        data=setup.ds.to_dict(),
     )
     summary.write(output, summ)
     summary.plot(output, run.history)

@@ -25,6 +25,7 @@ from qdoctor import strict_json
 from qdoctor.findings import Finding
 from qdoctor.train import checkpoint
 from qdoctor.train.data import IGNORE, collate, step_indices
+from qdoctor.train.plan import Plan
 
 
 class StopRun(Exception):
@@ -141,7 +142,7 @@ class Run:
     scaler: object
     train: list
     eval: list
-    plan: object
+    plan: Plan
     output: Path
     seed: int
     pad_id: int
@@ -165,7 +166,7 @@ def forward_loss(run: Run, batch: dict, n_label_tokens: int):
 
     batch = {k: v.to(run.device) for k, v in batch.items()}
     with torch.autocast(
-        run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.v("dtype") != "fp32"
+        run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.dtype.value != "fp32"
     ):
         out = run.model(**batch)
     n = int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -189,7 +190,7 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
         run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)
     params = [p for p in run.model.parameters() if p.requires_grad]
-    gn = float(torch.nn.utils.clip_grad_norm_(params, run.plan.v("max_grad_norm")))
+    gn = float(torch.nn.utils.clip_grad_norm_(params, run.plan.max_grad_norm.value))
     if math.isfinite(gn):
         run.scaler.step(run.optimizer)
     else:
@@ -228,7 +229,7 @@ def save_checkpoint(run: Run) -> None:
     if bad:
         raise StopRun(
             diagnose_nonfinite_grad(
-                run.step, run.skipped_in_row, run.plan.v("dtype"), run.scheduler.get_last_lr()[0],
+                run.step, run.skipped_in_row, run.plan.dtype.value, run.scheduler.get_last_lr()[0],
                 what=f"weights ({bad[0]}{' and more' if len(bad) > 1 else ''})",
             )
         )
@@ -243,7 +244,7 @@ def save_checkpoint(run: Run) -> None:
             "micro_batch": run.micro,
             "tokens": run.tokens,
             "elapsed_s": run.elapsed,
-            "examples_seen": run.step * run.plan.v("batch_size"),
+            "examples_seen": run.step * run.plan.batch_size.value,
             "skipped_steps": run.skipped,
         },
     )
@@ -256,9 +257,9 @@ def _metric(run: Run, rec: dict) -> None:
 
 
 def fit(run: Run, progress) -> None:
-    batch, steps = run.plan.v("batch_size"), run.plan.v("max_steps")
-    eval_every, save_every = run.plan.v("eval_every"), run.plan.v("save_every")
-    max_skips = MAX_SKIPS_IN_ROW_SCALED if run.plan.v("loss_scaling") else MAX_SKIPS_IN_ROW
+    batch, steps = run.plan.batch_size.value, run.plan.max_steps.value
+    eval_every, save_every = run.plan.eval_every.value, run.plan.save_every.value
+    max_skips = MAX_SKIPS_IN_ROW_SCALED if run.plan.loss_scaling.value else MAX_SKIPS_IN_ROW
     last_finite = None
     prev = _catch_stop_signals(run)
     try:
@@ -279,7 +280,7 @@ def fit(run: Run, progress) -> None:
             if not math.isfinite(loss):
                 raise StopRun(
                     diagnose_nonfinite(
-                        run.step + 1, loss, run.plan.v("dtype"), run.scheduler.get_last_lr()[0], last_finite
+                        run.step + 1, loss, run.plan.dtype.value, run.scheduler.get_last_lr()[0], last_finite
                     )
                 )
             last_finite = loss
@@ -308,7 +309,7 @@ def fit(run: Run, progress) -> None:
                     _metric(run, rec)
                     raise StopRun(
                         diagnose_nonfinite_grad(
-                            run.step, run.skipped_in_row, run.plan.v("dtype"), run.scheduler.get_last_lr()[0]
+                            run.step, run.skipped_in_row, run.plan.dtype.value, run.scheduler.get_last_lr()[0]
                         )
                     )
             if run.step % eval_every == 0 or run.step == steps:
@@ -378,7 +379,7 @@ def progress_bar(stream=None):
     tty = hasattr(stream, "isatty") and stream.isatty()
 
     def show(run: Run, rec: dict) -> None:
-        steps = run.plan.v("max_steps")
+        steps = run.plan.max_steps.value
         rate = run.tokens / run.elapsed if run.elapsed else 0.0
         eta = run.elapsed / max(1, len([h for h in run.history if "loss" in h])) * (steps - run.step)
         eta = min(eta, run.elapsed / max(run.step, 1) * (steps - run.step))

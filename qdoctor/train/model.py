@@ -293,8 +293,8 @@ def load_for_training(src: ModelSource, plan, seed: int):
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*")
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-    dtype = getattr(torch, TORCH_DTYPES[plan.v("dtype")])
-    quant = plan.v("quantization")
+    dtype = getattr(torch, TORCH_DTYPES[plan.dtype.value])
+    quant = plan.quantization.value
     qcfg = None
     if quant == "nf4":
         qcfg = BitsAndBytesConfig(
@@ -311,8 +311,8 @@ def load_for_training(src: ModelSource, plan, seed: int):
             path,
             quantization_config=qcfg,
             dtype=dtype,
-            device_map={"": plan.v("device")},
-            attn_implementation=plan.v("attention"),
+            device_map={"": plan.device.value},
+            attn_implementation=plan.attention.value,
             output_loading_info=True,
         )
     except Exception as e:  # missing/corrupt weights, download or auth failures: bad input, one line
@@ -329,26 +329,26 @@ def load_for_training(src: ModelSource, plan, seed: int):
             f"{sorted(missing)[0]}): they would start from random values"
         )
     model.config.use_cache = False
-    if str(plan.v("device")) == "cpu":
+    if str(plan.device.value) == "cpu":
         keep_cpu_4bit_layout(model)
-    if qcfg is not None and plan.v("dtype") == "fp16":
+    if qcfg is not None and plan.dtype.value == "fp16":
         # fp16 only: norms and embeddings in fp32 keep loss scaling stable. With bf16 or fp32 compute the
         # upcast only costs memory and time (H200, 1.1B, 8x1024: 25.3 -> 17.2 GiB, bench/results).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if plan.v("gradient_checkpointing"):
+    if plan.gradient_checkpointing.value:
         kw = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         model.enable_input_require_grads()
-    lora = plan.v("lora")
+    lora = plan.lora.value
     torch.manual_seed(seed)
     cfg = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["targets"],
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.targets,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, cfg)
@@ -360,11 +360,9 @@ def apply_speed(model, plan) -> None:
     """The speed means the plan chose (qdoctor.train.speed); each was checked available when planned."""
     from qdoctor.train import speed
 
-    fused = getattr(plan, "fused_loss", None)
-    if fused is not None and fused.value == "liger":
+    if plan.fused_loss.value == "liger":
         speed.apply_liger(model, model.config.model_type, parts=("fused_linear_cross_entropy",))
-    comp = getattr(plan, "compile", None)
-    if comp is not None and comp.value:
+    if plan.compile.value:
         speed.compile_layers(model)
 
 

@@ -47,7 +47,7 @@ def build(
         "wall_time_s": round(wall_s, 3),
         "tokens": run.tokens,
         "tokens_per_s": round(run.tokens / run.elapsed, 1) if run.elapsed else None,
-        "peak_memory": peak_memory_gib(plan.v("device")),
+        "peak_memory": peak_memory_gib(plan.device.value),
         "micro_batch_final": run.micro,
         "skipped_steps": run.skipped,
         "data": data,
