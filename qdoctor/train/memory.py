@@ -15,7 +15,8 @@
 
 ACT_BYTES per path is fitted to measured H200 peaks (NF4 + DQ, bf16, LoRA r=16 on all linear layers,
 PagedAdamW8bit): "upcast" to the plain loop with prepare_model_for_kbit_training, "eager" and "fused" to
-qdoctor's own path in bench/results/. `CALIBRATION` holds the rows with their source; tests check the
+qdoctor's own path in bench/results/; the plain-loop rows and their method are in
+docs/memory-calibration.md. `CALIBRATION` holds the rows with their source; tests check the
 estimate against them, and the benchmark checks it against every configuration it runs.
 """
 
@@ -34,7 +35,7 @@ LOGIT_BYTES = 10
 
 SHAPE_1B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 SHAPE_7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
-PLAIN_LOOP_H200 = "plain hand-written loop with prepare_model_for_kbit_training, H200, 2026-11-28"
+PLAIN_LOOP_H200 = "docs/memory-calibration.md (plain loop with prepare_model_for_kbit_training, H200)"
 BENCH_H200 = "bench/results/h200-2026-11-29-call1.json and -call2.json (qdoctor's path, H200)"
 # (shape, micro_batch, seq_len, checkpointing, path, measured peak GiB, source)
 CALIBRATION = [
@@ -56,7 +57,7 @@ HELD_OUT_FUSED = [
     (SHAPE_7B, 2, 4096, True, 41.3),
     (SHAPE_1B, 2, 4096, True, 16.5),
 ]
-CALIBRATION_SOURCE = "measured H200 peaks (README, Measured; bench/results/)"
+CALIBRATION_SOURCE = "docs/memory-calibration.md and bench/results/ (peaks measured on an H200)"
 
 
 def path_of(quantization: str, dtype: str, fused: bool) -> str:
@@ -163,9 +164,10 @@ def shape_from_config(cfg) -> Shape:
     """From a transformers config (or a dict of one)."""
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     heads = get("num_attention_heads")
+    hidden = get("hidden_size")
     return Shape(
-        hidden=get("hidden_size"),
-        intermediate=get("intermediate_size"),
+        hidden=hidden,
+        intermediate=get("intermediate_size") or get("n_inner") or 4 * hidden,  # GPT-2: n_inner None = 4x
         layers=get("num_hidden_layers"),
         heads=heads,
         kv_heads=get("num_key_value_heads") or heads,
