@@ -127,8 +127,8 @@ def test_usage_errors_exit_2_in_one_line():
 
 
 def _has_gpu() -> bool:
+    from qdoctor.devices import cuda_usable
     from qdoctor.facts import collect
-    from qdoctor.smoke.runner import cuda_usable
 
     return cuda_usable(collect(deep=False, timeout=30))
 

@@ -11,6 +11,9 @@ import re
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from qdoctor import devices
+from qdoctor.devices import all_gpus  # noqa: F401 - re-exported for the rules
+
 TORCH_INDEX = "https://download.pytorch.org/whl/{variant}"
 
 
@@ -129,25 +132,8 @@ def arch_span(sass, ptx) -> str:
 
 
 def visible_gpus(facts: dict) -> list[dict]:
-    """GPUs the training process will see: nvidia.gpus[].visible when the collector set it, else
-    CUDA_VISIBLE_DEVICES from env, read the way the collector reads it (facts.nvidia.parse_visible)."""
-    from qdoctor.facts.nvidia import parse_visible
-
-    gpus = [g for g in ((facts.get("nvidia") or {}).get("gpus") or []) if isinstance(g, dict)]
-    if any("visible" in g for g in gpus):
-        return [g for g in gpus if g.get("visible") is not False]
-    cvd = (facts.get("env") or {}).get("CUDA_VISIBLE_DEVICES")
-    if cvd is None:
-        return gpus
-    uuids = any(t.strip().upper().startswith(("GPU-", "MIG-")) for t in str(cvd).split(","))
-    if uuids and not any(g.get("uuid") for g in gpus):
-        return gpus  # UUIDs this snapshot cannot map to its GPUs: assume all visible
-    keep = parse_visible(str(cvd), gpus)
-    return [g for g in gpus if g.get("index") in keep]
-
-
-def all_gpus(facts: dict) -> list[dict]:
-    return [g for g in ((facts.get("nvidia") or {}).get("gpus") or []) if isinstance(g, dict)]
+    """GPUs the training process will see, in CUDA ordinal order (qdoctor.devices decides)."""
+    return list(devices.visible(facts).gpus)
 
 
 def gpu_label(g: dict) -> str:

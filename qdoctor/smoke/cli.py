@@ -27,7 +27,8 @@ def _progress(enabled: bool):
               help="Run only this probe (repeatable): imports, device, nf4, matmul4bit, lora_step, "
                    "optim8bit, save_load, precision.")
 @click.option("--device", default=None, metavar="cpu|cuda:N",
-              help="Where the probes compute (default: cuda:0 if the check sees a usable GPU, else cpu).")
+              help="Where the probes compute; cuda:N is the N-th GPU CUDA_VISIBLE_DEVICES lets through "
+                   "(default: cuda:0 if torch can use a visible GPU, else cpu).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
               help="Seconds allowed to each probe (and to importing the stack once).")
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
@@ -41,13 +42,13 @@ def _progress(enabled: bool):
 def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_json, fmt, verbose, strict,
           select, ignore):
     """Prove the QLoRA path works here: small real probes, each in its own process."""
-    from qdoctor import matrix
+    from qdoctor import devices, matrix
     from qdoctor.facts import collect
     from qdoctor.findings import exit_code
     from qdoctor.findings import select as select_findings
     from qdoctor.rules import judge
     from qdoctor.smoke import findings_for, run_probes
-    from qdoctor.smoke.runner import ProbeUsageError, parse_device, parse_inject, select_probes
+    from qdoctor.smoke.runner import ProbeUsageError, parse_inject, select_probes
     from qdoctor.smoke.view import markdown_table, text_table
 
     fmt = resolve_format(as_json, fmt)
@@ -61,8 +62,8 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     mx = matrix.load()
     check_findings = judge(facts, mx)
     try:
-        dev = parse_device(device, facts)
-    except ProbeUsageError as e:
+        dev = devices.parse_device(device, facts)
+    except devices.DeviceError as e:
         raise UsageError(str(e)) from None
     show = fmt == "text" or sys.stderr.isatty()
     if show:

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from qdoctor import devices
 from qdoctor.isolate import tail_lines
 from qdoctor.redact import redact
 from qdoctor.smoke import known_failures, verdict
@@ -68,56 +69,6 @@ def select_probes(names) -> list[str]:
     if bad:
         raise ProbeUsageError(f"unknown probe {bad[0]!r} (choose from {', '.join(PROBES)})")
     return [p.name for p in ORDER if p.name in set(names)]
-
-
-def visible_gpu_count(facts: dict | None) -> int | None:
-    """GPUs a CUDA program here would see, or None when the facts cannot tell: torch's own count
-    when --deep ran, else NVML's GPUs filtered by CUDA_VISIBLE_DEVICES (the rules' reading)."""
-    from qdoctor.rules.common import visible_gpus
-
-    if not facts:
-        return None
-    t = facts.get("torch") or {}
-    if isinstance(t.get("device_count"), int):
-        return t["device_count"]
-    if (facts.get("nvidia") or {}).get("gpus") is None:
-        return None
-    return len(visible_gpus(facts))
-
-
-def cuda_usable(facts: dict | None) -> bool:
-    if not facts:
-        return False
-    t = facts.get("torch") or {}
-    if t.get("cuda_available") is False:
-        return False
-    return bool(t.get("cuda")) and bool(visible_gpu_count(facts))
-
-
-def default_device(facts: dict | None) -> str:
-    return "cuda:0" if cuda_usable(facts) else "cpu"
-
-
-def parse_device(device: str | None, facts: dict | None) -> str:
-    """'cpu' | 'cuda' | 'cuda:N' checked against what the facts say is here."""
-    if device is None:
-        return default_device(facts)
-    d = device.strip().lower()
-    if d == "cpu":
-        return "cpu"
-    if d == "cuda":
-        d = "cuda:0"
-    if not d.startswith("cuda:") or not d[5:].isdigit():
-        raise ProbeUsageError(f"bad --device {device!r} (use cpu or cuda:N)")
-    idx = int(d[5:])
-    if facts:
-        t = facts.get("torch") or {}
-        if t.get("installed") is not False and t.get("version") and not t.get("cuda") and not t.get("hip"):
-            raise ProbeUsageError(f"--device {d}: torch {t.get('version')} here is a CPU-only build")
-        n = visible_gpu_count(facts)
-        if n is not None and idx >= n:
-            raise ProbeUsageError(f"--device {d}: no such device ({n} CUDA device{'s' * (n != 1)} visible)")
-    return d
 
 
 def _installed(facts: dict | None, dist: str) -> bool | None:
@@ -389,7 +340,10 @@ def run_probes(names: list[str] | None, device: str, timeout: float, facts: dict
 
     mx = matrix if matrix is not None else matrix_mod.load()
     order = select_probes(names)
-    device = parse_device(device, facts)
+    try:
+        device = devices.parse_device(device, facts)
+    except devices.DeviceError as e:
+        raise ProbeUsageError(str(e)) from None
     inj = parse_inject(inject) if isinstance(inject, str) or inject is None else dict(inject)
     if inject is None:
         inj = parse_inject(os.environ.get(INJECT_ENV))

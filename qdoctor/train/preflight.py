@@ -29,9 +29,9 @@ class Preflight:
         return [f for f in self.findings if f.severity == "error"]
 
 
-def probe_names(facts: dict) -> tuple[str, ...]:
-    gpus = (facts.get("nvidia") or {}).get("gpus") or []
-    return GPU_PROBES if gpus and (facts.get("torch") or {}).get("cuda") else CPU_PROBES
+def probe_names(device: str) -> tuple[str, ...]:
+    """The probes for the device the run will use (qdoctor.devices resolved it)."""
+    return GPU_PROBES if device.startswith("cuda") else CPU_PROBES
 
 
 # Probe failures the plan routes around (plan.py): they warn, and the plan's reasons say what it chose
@@ -76,23 +76,27 @@ def _probe_findings(probes: list[dict]) -> list[Finding]:
 
 
 def run(device: str | None, *, skip_probes: bool = False, timeout: float = 120.0) -> Preflight:
-    from qdoctor import cache, matrix
+    from qdoctor import cache, devices, matrix
     from qdoctor.facts import collect
     from qdoctor.rules import judge
 
     facts = collect(deep=True)
-    if device:  # the same check as `smoke --device`: a ProbeUsageError names what is wrong
-        from qdoctor.smoke.runner import parse_device
+    # the user's --device checked as `smoke --device` is, or the default: the first *visible* GPU
+    # torch can use, else the CPU (never a GPU that CUDA_VISIBLE_DEVICES hides)
+    try:
+        device = devices.parse_device(device, facts)
+    except devices.DeviceError as e:
+        from qdoctor.smoke.runner import ProbeUsageError
 
-        device = parse_device(device, facts)
+        raise ProbeUsageError(str(e)) from None
     findings = judge(facts, matrix.load())
     fp = cache.fingerprint(facts)
     pf = Preflight(facts, findings, fingerprint=fp)
     if skip_probes:
         pf.notes.append("probes skipped (--skip-probes): the plan relies on facts alone")
         return pf
-    names = probe_names(facts)
-    key = f"{fp}|{device or 'auto'}|{','.join(names)}"
+    names = probe_names(device)
+    key = f"{fp}|{device}|{','.join(names)}"
     cached = cache.load(CACHE_KIND, key)
     if isinstance(cached, list):
         pf.probes, pf.cached = cached, True
@@ -102,8 +106,7 @@ def run(device: str | None, *, skip_probes: bool = False, timeout: float = 120.0
         except ImportError:
             pf.notes.append("qdoctor.smoke is not available: probes not run, the plan relies on facts alone")
             return pf
-        dev = device or ("cuda:0" if names is GPU_PROBES else "cpu")
-        results = run_probes(list(names), dev, timeout, facts)
+        results = run_probes(list(names), device, timeout, facts)
         pf.probes = [r.to_dict() for r in results]
         if not any(p.get("status") in ("timeout", "crash") for p in pf.probes):
             cache.store(CACHE_KIND, key, pf.probes)
