@@ -26,8 +26,20 @@ def out(text: str, err: bool = False) -> None:
     click.echo(redact(text), nl=False, err=err)
 
 
-def codes_option(value: str | None) -> tuple[str, ...]:
-    return tuple(c.strip().upper() for c in (value or "").split(",") if c.strip())
+def codes_option(value: str | None, flag: str = "--select") -> tuple[str, ...]:
+    """Codes or prefixes from --select/--ignore. One that matches no code qdoctor knows is a usage
+    error: a typo in a CI gate must not silently select nothing and pass."""
+    codes = tuple(c.strip().upper() for c in (value or "").split(",") if c.strip())
+    if not codes:
+        return codes
+    from qdoctor.rulesdoc import all_codes, code_families
+
+    known = all_codes()
+    bad = [c for c in codes if not any(k.startswith(c) for k in known)]
+    if bad:
+        raise UsageError(f"{flag} {','.join(bad)}: no such code or prefix (known: {code_families(known)}; "
+                         "`qdoctor rules` lists every code)")
+    return codes
 
 
 def format_options(f):
@@ -90,6 +102,7 @@ def check(facts_file, deep, refresh, timeout, save_facts, as_json, fmt, verbose,
     from qdoctor.rules import judge
 
     fmt = resolve_format(as_json, fmt)
+    select_codes, ignore_codes = codes_option(select), codes_option(ignore, "--ignore")
     if facts_file and deep:
         raise click.UsageError("--deep observes this machine; it cannot be combined with --facts")
     if facts_file:
@@ -103,7 +116,7 @@ def check(facts_file, deep, refresh, timeout, save_facts, as_json, fmt, verbose,
         facts = collect(deep=deep or refresh, timeout=timeout, refresh=refresh,
                         progress=lambda msg: out(f"qdoctor: {msg}...\n", err=True))
     findings = judge(facts, matrix.load())
-    findings = select_findings(findings, codes_option(select), codes_option(ignore))
+    findings = select_findings(findings, select_codes, ignore_codes)
     emit_report("check", findings, facts, fmt, verbose)
     if save_facts:
         write_facts(save_facts, facts)

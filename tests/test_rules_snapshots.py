@@ -203,6 +203,18 @@ BNB047_BINS = {
 
 # id -> (facts, errors, warnings, {code: words})
 VARIANTS = {
+    "cc-null": (
+        variant("h200-synthetic", **{"nvidia.gpus.0.compute_capability": None}),
+        set(),
+        {"QD205"},
+        {"QD205": ["GPU 0 (NVIDIA H200)", "architecture unknown", "None", "compute_cap"]},
+    ),
+    "cc-unparseable": (
+        variant("h200-synthetic", **{"nvidia.gpus.0.compute_capability": "Hopper"}),
+        set(),
+        {"QD205"},
+        {"QD205": ["'Hopper'", "kernel coverage"]},
+    ),
     "python-3.9": (
         variant("h200-synthetic", **{"platform.python": "3.9.18"}),
         {"QD505"},

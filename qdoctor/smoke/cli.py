@@ -52,6 +52,7 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     from qdoctor.smoke.view import markdown_table, text_table
 
     fmt = resolve_format(as_json, fmt)
+    select_codes, ignore_codes = codes_option(select), codes_option(ignore, "--ignore")
     try:  # usage errors before any slow work
         select_probes(list(probes))
         if inject:
@@ -71,7 +72,7 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     results = run_probes(list(probes) or None, dev, timeout, facts, compute_dtype=compute_dtype,
                          inject=inject, jobs=jobs, isolation=isolation, progress=_progress(show), matrix=mx)
     findings = check_findings + findings_for(results)
-    findings = select_findings(findings, codes_option(select), codes_option(ignore))
+    findings = select_findings(findings, select_codes, ignore_codes)
     probe_dicts = [r.to_dict() for r in results]
     emit_report("smoke", findings, facts, fmt, verbose, extra={"device": dev, "probes": probe_dicts},
                 text_footer=["Probes on " + dev + ":", *("  " + ln for ln in text_table(results)), ""],
