@@ -86,14 +86,14 @@ def test_driver_minimums_grow_with_cuda():
 
 
 def test_bnb_tables_answer_known_questions():
-    # the first release with a library for each torch CUDA (matrix-facts.md section 5, item 10)
+    # the first release with a library for each torch CUDA
     assert first_bnb_with_lib(M, (12, 4)) == "0.43.1"
     assert first_bnb_with_lib(M, (12, 8)) == "0.45.3"
     assert first_bnb_with_lib(M, (13, 0)) == "0.48.0"
     assert first_bnb_with_lib(M, (13, 2)) == "0.50.0"
     libs = ["cuda118", "cuda121", "cuda124", "cuda126", "cuda128", "cuda130", "cuda132"]
-    assert bnb_pick(libs, (12, 9), "nearest") == "cuda128"
-    assert bnb_pick(libs, (12, 9), "exact") is None
-    assert bnb_pick(libs, (13, 1), "nearest") == "cuda130"
-    assert bnb_pick(libs, (11, 7), "nearest") == "cuda118"
-    assert bnb_pick(libs, (14, 0), "nearest") is None
+    assert bnb_pick(M, "0.50.2", libs, (12, 9)) == "cuda128"
+    assert bnb_pick(M, "0.49.2", libs, (12, 9)) is None  # exact only before 0.50
+    assert bnb_pick(M, "0.50.2", libs, (13, 1)) == "cuda130"
+    assert bnb_pick(M, "0.50.2", libs, (11, 7)) == "cuda118"
+    assert bnb_pick(M, "0.50.2", libs, (14, 0)) is None

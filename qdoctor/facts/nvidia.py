@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
+from qdoctor.arch import cc_str
 from qdoctor.devices import Unmappable, parse_visible
 
 VIRT_MODES = {0: "none", 1: "passthrough", 2: "vgpu", 3: "host-vgpu", 4: "host-vsga"}
@@ -111,8 +112,7 @@ def _gpu(nvml, i: int) -> dict:
         return g
     g["name"] = _try(lambda: _text(nvml.nvmlDeviceGetName(h)))
     g["uuid"] = _try(lambda: _text(nvml.nvmlDeviceGetUUID(h)))
-    cc = _try(lambda: tuple(nvml.nvmlDeviceGetCudaComputeCapability(h)))
-    g["compute_capability"] = f"{cc[0]}.{cc[1]}" if cc else None
+    g["compute_capability"] = _try(lambda: cc_str(tuple(nvml.nvmlDeviceGetCudaComputeCapability(h))))
     g["virtualization"] = _try(lambda: VIRT_MODES.get(nvml.nvmlDeviceGetVirtualizationMode(h)))
     mem = _try(lambda: nvml.nvmlDeviceGetMemoryInfo(h))
     g["memory_total_mib"] = _try(lambda: int(mem.total) // (1 << 20))

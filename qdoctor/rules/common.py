@@ -11,7 +11,8 @@ import re
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from qdoctor import devices
+from qdoctor import bnb_loader, devices
+from qdoctor.arch import arch_runs, arch_span, cc_tuple, sm  # noqa: F401 - re-exported for the rules
 from qdoctor.devices import all_gpus  # noqa: F401 - re-exported for the rules
 
 TORCH_INDEX = "https://download.pytorch.org/whl/{variant}"
@@ -81,56 +82,6 @@ def cuda_str(t) -> str:
 
 
 # ---------------------------------------------------------------- GPUs and architectures
-def cc_tuple(s) -> tuple[int, int] | None:
-    """'9.0' / 'sm_90' / 'sm_90a' / 'compute_120' / '12.0' -> (9, 0) / (12, 0)."""
-    if isinstance(s, (list, tuple)) and len(s) == 2:
-        return int(s[0]), int(s[1])
-    if not isinstance(s, str):
-        return None
-    m = re.fullmatch(r"(\d+)\.(\d+)", s.strip())
-    if m:
-        return int(m.group(1)), int(m.group(2))
-    m = re.fullmatch(r"(?:sm|compute)_(\d+)(\d)[af]?", s.strip())
-    if m:
-        return int(m.group(1)), int(m.group(2))
-    return None
-
-
-def sm(cc) -> str:
-    t = cc_tuple(cc) if not isinstance(cc, tuple) else cc
-    return f"sm_{t[0]}{t[1]}" if t else "sm_?"
-
-
-def arch_runs(cc, sass, ptx) -> bool | None:
-    """Can code built for `sass` (cubins) / `ptx` run on a GPU of capability `cc`?
-
-    A cubin runs on the same major with an equal or higher minor; PTX is JIT-compiled for any GPU of
-    equal or higher capability. Arch-specific cubins (sm_90a) run only on that exact GPU.
-    """
-    c = cc_tuple(cc)
-    if c is None or sass is None:
-        return None
-    for a in sass or []:
-        t = cc_tuple(a)
-        if t is None:
-            continue
-        if isinstance(a, str) and a.endswith(("a", "f")):
-            if t == c:
-                return True
-            continue
-        if t[0] == c[0] and t[1] <= c[1]:
-            return True
-    return any((t := cc_tuple(a)) is not None and t <= c for a in (ptx or []))
-
-
-def arch_span(sass, ptx) -> str:
-    sass = [a for a in (sass or []) if cc_tuple(a)]
-    s = ", ".join(sass) if sass else "no cubins"
-    if ptx:
-        s += " + PTX " + ", ".join(ptx)
-    return s
-
-
 def visible_gpus(facts: dict) -> list[dict]:
     """GPUs the training process will see, in CUDA ordinal order (qdoctor.devices decides)."""
     return list(devices.visible(facts).gpus)
@@ -351,22 +302,14 @@ def bnb_libs(facts: dict, matrix: dict, ver=None) -> list[str] | None:
     return list(r.get("cuda_libs", [])) if r else None
 
 
-def bnb_pick(libs, cuda, loader: str = "exact") -> str | None:
-    """Mirror of bitsandbytes' loader choice for a torch CUDA version (no override)."""
-    c = cuda_tuple(cuda) if not isinstance(cuda, tuple) else cuda
-    if c is None or libs is None:
-        return None
-    have = {cuda_tuple(x): x for x in libs if cuda_tuple(x)}
-    if c in have:
-        return have[c]
-    if loader != "nearest":
-        return None
-    same = sorted(t for t in have if t[0] == c[0])
-    lower = [t for t in same if t <= c]
-    if lower:
-        return have[lower[-1]]
-    higher = [t for t in same if t > c]
-    return have[higher[0]] if higher else None
+def bnb_rules(matrix: dict) -> list[dict]:
+    return bnb_loader.rules(matrix)
+
+
+def bnb_pick(matrix: dict, ver, libs, cuda) -> str | None:
+    """The CUDA library bitsandbytes `ver` would load for torch CUDA `cuda` (no override), or None:
+    qdoctor.bnb_loader decides, as it does for the facts."""
+    return bnb_loader.pick(ver, libs, cuda, bnb_rules(matrix))
 
 
 def bnb_lib_archs(facts: dict, matrix: dict, lib: str, machine=None):
@@ -392,12 +335,10 @@ def first_bnb_with_lib(matrix: dict, cuda) -> str | None:
     """The first bitsandbytes release whose loader finds a library for torch CUDA `cuda`."""
     best = None
     for r in (matrix.get("bitsandbytes") or {}).get("release", []):
-        if bnb_pick(r.get("cuda_libs"), cuda, r.get("loader", "exact")):
-            lo = [sp.version for sp in SpecifierSet(r["versions"]) if sp.operator in (">=", "==")]
-            if lo:
-                v = version(lo[0].replace(".*", ".0"))
-                if v and (best is None or v < best):
-                    best = v
+        lo = [sp.version for sp in SpecifierSet(r["versions"]) if sp.operator in (">=", "==")]
+        v = version(lo[0].replace(".*", ".0")) if lo else None
+        if v and bnb_pick(matrix, str(v), r.get("cuda_libs"), cuda) and (best is None or v < best):
+            best = v
     return str(best) if best else None
 
 

@@ -16,7 +16,6 @@ from qdoctor.rules.common import (
     bnb,
     bnb_libs,
     bnb_pick,
-    bnb_release,
     bnb_version,
     cuda_str,
     group_label,
@@ -158,8 +157,7 @@ def bnb_override(facts, matrix):
     if libs is not None and f"cuda{ov}" not in libs:
         return []  # QD403
     tc = torch_cuda(facts)
-    rel = bnb_release(matrix, ver) if ver else None
-    default = bnb_pick(libs, tc, (rel or {}).get("loader", "exact")) if tc and libs is not None else None
+    default = bnb_pick(matrix, ver, libs, tc) if tc and libs is not None else None
     if default == f"cuda{ov}":
         return []
     ev = [f"env.BNB_CUDA_VERSION = {ov} -> libbitsandbytes_cuda{ov}"]

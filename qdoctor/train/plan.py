@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from qdoctor import devices
+from qdoctor.arch import cc_tuple, sm
 from qdoctor.findings import Finding
 from qdoctor.train import memory
 from qdoctor.train.config import TrainConfig
@@ -118,11 +119,8 @@ def _gpu(facts: dict, device: str) -> dict:
     return devices.gpu_for(facts, device) or {}
 
 
-def _cc(gpu: dict) -> float | None:
-    try:
-        return float(gpu.get("compute_capability"))
-    except (TypeError, ValueError):
-        return None
+def _cc(gpu: dict) -> tuple[int, int] | None:
+    return cc_tuple(gpu.get("compute_capability"))
 
 
 def choose_device(cfg: TrainConfig, facts: dict, probes) -> Choice:
@@ -158,13 +156,13 @@ def choose_dtype(cfg, facts, probes, device: str) -> Choice:
     bf16 = (facts.get("torch") or {}).get("bf16_supported")
     if probe_status(probes, "precision") in BROKEN:
         return Choice("fp32", "the precision probe failed: fp32 compute (slow but safe)")
-    if bf16 or (bf16 is None and cc is not None and cc >= 8.0):
+    if bf16 or (bf16 is None and cc is not None and cc >= (8, 0)):
         return Choice(
             "bf16",
-            f"GPU is sm_{int(cc * 10) if cc else '?'}: native bf16 (QLoRA recipe; fp16 risks overflow)",
+            f"GPU is {sm(cc)}: native bf16 (QLoRA recipe; fp16 risks overflow)",
         )
-    if cc is not None and cc >= 7.0:
-        return Choice("fp16", f"GPU is sm_{int(cc * 10)}: no native bf16; fp16 with loss scaling")
+    if cc is not None and cc >= (7, 0):
+        return Choice("fp16", f"GPU is {sm(cc)}: no native bf16; fp16 with loss scaling")
     return Choice("fp32", "GPU has no fast bf16/fp16 (compute capability < 7.0) or it is unknown")
 
 
