@@ -93,7 +93,14 @@ def lora_step(ctx) -> dict:
 
 
 def save_load(ctx) -> dict:
-    """The adapter saved in PEFT format and reloaded onto a fresh 4-bit base gives the same logits."""
+    """The adapter saved in PEFT format and reloaded onto a fresh 4-bit base gives the same logits.
+
+    The forwards run in train mode (LoRA dropout is 0, so the math is the same as eval): on CPUs with
+    AVX512-BF16, bitsandbytes' Linear4bit repacks its weights for an inference kernel on an eval-mode
+    forward and unpacks them in state_dict(), which peft calls while saving and loading; each
+    pack/unpack cycle moves the logits by ~1e-3 (bitsandbytes nn/modules.py, Linear4bit.forward and
+    _save_to_state_dict), which is not a save/load fault.
+    """
     import torch
     from peft import PeftModel, get_peft_model
 
@@ -106,7 +113,7 @@ def save_load(ctx) -> dict:
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    model.eval()
+    model.train()
     ids = batch(dev, ctx.seed + 1, n=1, seq=16)
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float().cpu()
@@ -115,11 +122,11 @@ def save_load(ctx) -> dict:
     files = sorted(os.listdir(out_dir))
     del model
     base = load_4bit(path, dev, dtype)
-    base.eval()
+    base.train()
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits.float().cpu()
     again = PeftModel.from_pretrained(base, out_dir)
-    again.eval()
+    again.train()
     with torch.no_grad():
         logits2 = ctx.corrupt(again(input_ids=ids).logits.float().cpu())
     m = {
