@@ -19,7 +19,6 @@ import time
 VERSION = 1  # bump to orphan every old entry when a cached format changes
 
 FINGERPRINT_ENV = ("CUDA_VISIBLE_DEVICES", "BNB_CUDA_VERSION", "BNB_ROCM_VERSION", "LD_LIBRARY_PATH")
-FINGERPRINT_PACKAGES = ("torch", "bitsandbytes", "transformers", "peft", "accelerate", "triton")  # always
 
 
 def cache_dir(environ=None) -> str:
@@ -95,6 +94,8 @@ def fingerprint(facts: dict) -> str:
     nvidia-* wheels), the driver, the GPU models, and CUDA_VISIBLE_DEVICES / BNB_CUDA_VERSION /
     BNB_ROCM_VERSION / LD_LIBRARY_PATH.
     """
+    from qdoctor import matrix
+
     plat = facts.get("platform") or {}
     pkgs = facts.get("packages") or {}
     nv = facts.get("nvidia") or {}
@@ -102,7 +103,7 @@ def fingerprint(facts: dict) -> str:
     parts = {
         # the interpreter's directory, not its name: venv/bin/python and venv/bin/python3 are one Python
         "python": [os.path.dirname(plat.get("python_executable") or ""), plat.get("python")],
-        "packages": {**{n: pkgs.get(n) for n in FINGERPRINT_PACKAGES}, **pkgs},
+        "packages": {**{n: pkgs.get(n) for n in (*matrix.stack(), "triton")}, **pkgs},
         "driver": nv.get("driver"),
         "gpus": [g.get("name") for g in nv.get("gpus") or [] if isinstance(g, dict)],
         "env": {k: env.get(k) for k in FINGERPRINT_ENV},

@@ -1,8 +1,4 @@
-"""Command line: `qdoctor check | smoke | train | rules`.
-
-Exit codes (a contract for CI): 0 no error finding; 1 at least one error finding (also warnings
-under --strict); 2 qdoctor was used wrongly (bad flag, unreadable input); 3 qdoctor itself failed.
-"""
+"""Command line: `qdoctor check | smoke | train | rules`. Output and exit codes: qdoctor.console."""
 
 from __future__ import annotations
 
@@ -12,18 +8,18 @@ import sys
 import click
 
 from qdoctor import __version__
-from qdoctor.redact import redact
-
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+from qdoctor.console import (  # noqa: F401 - re-exported: the commands import them from here
+    EXIT_FINDINGS,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    out,
+)
 
 
 class UsageError(Exception):
     """A one-line message for the user; exit code 2, never a traceback."""
-
-
-def out(text: str, err: bool = False) -> None:
-    """Every byte qdoctor prints goes through redaction."""
-    click.echo(redact(text), nl=False, err=err)
 
 
 def codes_option(value: str | None, flag: str = "--select") -> tuple[str, ...]:
@@ -167,7 +163,7 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         out("qdoctor: aborted\n", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as e:
         # bad flag / bad value: click's message, one line plus the usage hint, exit 2
         msg = e.format_message()
@@ -177,7 +173,7 @@ def main(argv=None):
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         out("qdoctor: interrupted\n", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except SystemExit:
         raise
     except Exception as e:  # a bug in qdoctor: one line, traceback only on request

@@ -7,6 +7,7 @@ import re
 
 from packaging.requirements import InvalidRequirement, Requirement
 
+from qdoctor import matrix
 from qdoctor.findings import Finding
 from qdoctor.rules import rule
 from qdoctor.rules.common import area_has_problem, matches, python_version, torch_cuda
@@ -22,12 +23,12 @@ def _pkgs(facts) -> dict:
     return {_norm(k): v for k, v in (facts.get("packages") or {}).items() if isinstance(v, str)}
 
 
-def _stack(matrix) -> list[str]:
-    return list(((matrix.get("packages") or {}).get("stack") or {}).get("core", []))
+def _stack(mx) -> list[str]:
+    return list(matrix.stack(mx))
 
 
-def _neighbours(matrix) -> list[str]:
-    return list(((matrix.get("packages") or {}).get("stack") or {}).get("neighbours", []))
+def _neighbours(mx) -> list[str]:
+    return list(matrix.stack_neighbours(mx))
 
 
 @rule("QD500", "packages-summary", AREA)

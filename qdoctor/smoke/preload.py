@@ -17,7 +17,14 @@ import time
 import traceback
 import warnings
 
-STACK = ("torch", "bitsandbytes", "transformers", "peft")
+
+def _stack() -> tuple[str, ...]:
+    from qdoctor import matrix
+
+    return matrix.stack()
+
+
+STACK = _stack()  # import names = distribution names for the whole stack
 # Heavy submodules every probe needs; importing them here moves their cost out of each probe.
 EXTRA = ("torch._dynamo", "transformers.models.llama.modeling_llama", "peft.tuners.lora")
 

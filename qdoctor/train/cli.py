@@ -15,20 +15,13 @@ from pathlib import Path
 
 import click
 
-from qdoctor.redact import redact
-
-EXIT_FINDINGS, EXIT_USAGE = 1, 2  # the same contract as qdoctor.cli (imported lazily there: no cycle)
+from qdoctor.console import EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, out
 
 EMBEDDED_DATA = "qdoctor/instructions.jsonl"
 
 
 class BadInput(Exception):
     pass
-
-
-def out(text: str, err: bool = False) -> None:
-    """Every byte printed goes through redaction (as qdoctor.cli.out)."""
-    click.echo(redact(text), nl=False, err=err)
 
 
 def _fail(msg: str, code: int = EXIT_USAGE):
@@ -123,7 +116,7 @@ def train(config_file, resume, dry_run, as_json, force, skip_probes, target_modu
     )
     if dry_run:
         out(plan.to_json() + "\n" if as_json else plan.render())
-        sys.exit(0)
+        sys.exit(EXIT_OK)
     ident = _identity(cfg, plan, setup)
     try:
         _check_identity(setup["output"], ident, resume)
@@ -281,11 +274,11 @@ def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start) -> int:
         loop.truncate_metrics(output, 0)
         first_eval = loop.evaluate(run)
         write_text(output / "eval0.json", json.dumps({"eval_loss": first_eval}) + "\n")
-    status, code = "completed", 0
+    status, code = "completed", EXIT_OK
     try:
         loop.fit(run, loop.progress_bar())
     except loop.Interrupted as e:
-        status, code = "interrupted", 130
+        status, code = "interrupted", EXIT_INTERRUPTED
         out(
             f"\nqdoctor: interrupted at step {e.step}: checkpoint saved in {output / 'checkpoint'}; continue "
             f"with: qdoctor train --output {output} --resume\n",
