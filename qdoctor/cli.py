@@ -14,12 +14,9 @@ from qdoctor.console import (  # noqa: F401 - re-exported: the commands import t
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    UsageError,
     out,
 )
-
-
-class UsageError(Exception):
-    """A one-line message for the user; exit code 2, never a traceback."""
 
 
 def codes_option(value: str | None, flag: str = "--select") -> tuple[str, ...]:

@@ -14,6 +14,10 @@ from qdoctor.redact import redact
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
+class UsageError(Exception):
+    """A one-line message for the user; exit code 2, never a traceback."""
+
+
 def out(text: str, err: bool = False) -> None:
     """Every byte qdoctor prints goes through redaction."""
     click.echo(redact(text), nl=False, err=err)

@@ -291,8 +291,9 @@ VARIANTS = {
             **{"torch": {"installed": False, "version": None, "cuda": None}, "packages.torch": _DEL},
         ),
         {"QD301"},
-        set(),
-        {"QD301": ["whl/cpu"]},
+        {"QD504"},
+        {"QD301": ["whl/cpu"],
+         "QD504": ["`qdoctor smoke` and `qdoctor train` need torch", 'pip install "qdoctor[train]"']},
     ),
     "torch-missing-gpu": (
         variant(
@@ -300,8 +301,10 @@ VARIANTS = {
             **{"torch": {"installed": False, "version": None, "cuda": None}, "packages.torch": _DEL},
         ),
         {"QD301"},
-        set(),
-        {"QD301": ["whl/cu130", "torch==2.14.*"]},
+        {"QD504"},
+        # on a GPU machine the extra alone would pull pip's default torch: the right wheel first
+        {"QD301": ["whl/cu130", "torch==2.14.*"],
+         "QD504": ["the torch wheel QD301 names first", "qdoctor[train]"]},
     ),
     "torch-import-error": (
         variant("h200-synthetic", **{"torch.error": "ImportError: libtorch_cuda.so: cannot open"}),
@@ -333,8 +336,8 @@ VARIANTS = {
     "bnb-missing": (
         variant("h200-synthetic", **{"bitsandbytes": {"installed": False}, "packages.bitsandbytes": _DEL}),
         {"QD401"},
-        set(),
-        {"QD401": ["pip install -U bitsandbytes"]},
+        {"QD504"},
+        {"QD401": ["pip install -U bitsandbytes"], "QD504": ["need bitsandbytes (not installed)"]},
     ),
     "bnb-no-lib-facts": (
         variant(

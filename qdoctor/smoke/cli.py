@@ -42,7 +42,7 @@ def _progress(enabled: bool):
 def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_json, fmt, verbose, strict,
           select, ignore):
     """Prove the QLoRA path works here: small real probes, each in its own process."""
-    from qdoctor import devices, matrix
+    from qdoctor import devices, extra, matrix
     from qdoctor.facts import collect
     from qdoctor.findings import exit_code
     from qdoctor.findings import select as select_findings
@@ -52,6 +52,7 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     from qdoctor.smoke.view import markdown_table, text_table
 
     fmt = resolve_format(as_json, fmt)
+    extra.require("smoke")
     select_codes, ignore_codes = codes_option(select), codes_option(ignore, "--ignore")
     try:  # usage errors before any slow work
         select_probes(list(probes))

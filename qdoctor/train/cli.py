@@ -68,6 +68,9 @@ def _opt(*names, **kw):
 @click.option("--skip-probes", is_flag=True, help="Plan from facts alone (no probe child processes).")
 def train(config_file, resume, dry_run, as_json, force, skip_probes, target_modules, **flags):
     """Fine-tune with QLoRA using settings this machine is known to handle, each with its reason."""
+    from qdoctor import extra
+
+    extra.require("train")  # one line and exit 2 without the `train` extra, not an ImportError
     from qdoctor.train import config as C
     from qdoctor.train.data import DataError
     from qdoctor.train.model import ModelError
