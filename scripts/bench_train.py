@@ -1,0 +1,339 @@
+"""Side-by-side training throughput and memory: qdoctor's training path vs a plain loop vs Unsloth.
+
+One invocation, one machine: for each model shape it builds a random-init Llama
+(scripts/make_random_model.py), then runs each contender in its own process on the same tokens and
+effective batch, and writes bench/results/<device>-<date>.json (commands, versions, tok/s, peak GPU
+memory, model FLOP utilisation, first/last losses) and prints a table last.
+
+    python scripts/bench_train.py --peers DIR [--models 1b,7b] [--shapes 8x1024,2x4096]
+                                  [--variants lean,liger] [--contenders qdoctor,plain,unsloth]
+
+DIR holds the peer loops (plain_loop.py, unsloth_loop.py): measuring instruments kept outside this
+repository. Unsloth runs when it imports. qdoctor's contender runs in-process through the same functions
+`qdoctor train` uses (config -> plan -> load_for_training -> loop.train_step), on the peers' tokens.
+
+Variants of qdoctor's path (comma-separated, each its own process):
+  plan      what `qdoctor train` chooses by itself for this shape
+  prep      + peft's prepare_model_for_kbit_training (fp32 norms/embeddings; what it did before)
+  lean      no fp32 upcast, no fused kernels
+  liger     lean + liger-kernel (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)
+  compile   lean + torch.compile of each decoder layer
+  liger+compile
+  flce+compile  lean + liger's fused linear cross-entropy only, the rest left to torch.compile
+  +doc      (suffix) packed rows carry position_ids that restart at each document and no attention_mask,
+            so transformers builds a document mask: dense for sdpa, a block mask for +flex
+  +flex     (suffix) attn_implementation="flex_attention"
+Packed shapes (seq > 1024) are fed as documents of 256-2048 tokens packed into full rows, so the
+document-masked attention path is what is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {
+    "1b": [],
+    "7b": ["--hidden", "4096", "--intermediate", "11008", "--layers", "32", "--heads", "32",
+           "--kv-heads", "32"],
+}
+H200_BF16_TFLOPS = 989.5  # dense bf16 peak of an H100/H200 SXM (NVIDIA's H200 datasheet)
+
+
+def _json_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def _run(cmd: list[str], timeout: float, env=None) -> tuple[list[dict], str, float]:
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        text = p.stdout + "\n" + p.stderr
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text += "\nTIMEOUT"
+    return _json_lines(text), text, time.perf_counter() - t0
+
+
+def versions() -> dict:
+    code = (
+        "import json,importlib.metadata as m\n"
+        "out={}\n"
+        "for n in ['torch','transformers','peft','bitsandbytes','accelerate','triton',\n"
+        "          'liger-kernel','unsloth']:\n"
+        "    try: out[n]=m.version(n)\n"
+        "    except Exception: out[n]=None\n"
+        "import torch\n"
+        "out['gpu']=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None\n"
+        "print(json.dumps(out))\n"
+    )
+    recs, _, _ = _run([sys.executable, "-c", code], 120)
+    return recs[0] if recs else {}
+
+
+def model_flops_per_token(cfg: dict, seq: int) -> float:
+    """LoRA on a frozen base: forward (2N) + input gradients (2N) per token, plus causal attention."""
+    h, i, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    hd = h // heads
+    linear = n_layers * (h * (heads * hd) * 2 + h * (kv * hd) * 2 + 3 * h * i) + h * cfg["vocab_size"]
+    attn = n_layers * 2 * seq * h  # QK^T and AV, causal half, forward; x2 for backward below
+    return 4 * linear + 2 * attn * 2
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def _batches(shape: str, vocab: int, steps: int, seed: int = 0):
+    """The peers' tokens: torch.randint(0, min(V, 512), (bs, seq), generator seeded 0 on cuda), one
+    batch per step. Packed shapes: the same stream cut into documents of 256-2048 tokens."""
+    import random
+
+    import torch
+
+    from qdoctor.train.data import IGNORE
+
+    bs, seq = (int(v) for v in shape.split("x"))
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randint(0, min(vocab, 512), (bs, seq), device="cuda", generator=g).cpu().tolist()
+        rows = []
+        for row in x:
+            labels = list(row)
+            if seq > 1024:
+                pos = 0
+                while pos < seq:
+                    labels[pos] = IGNORE  # a document's first token is never predicted from the last one
+                    pos += rng.randint(256, 2048)
+            rows.append((row, labels))
+        out.append(rows)
+    return out
+
+
+def _doc_collate(examples, pad_id):
+    """Packed rows: position_ids restart where a document starts (its first label is IGNORE)."""
+    import torch
+
+    from qdoctor.train.data import IGNORE, collate
+
+    b = collate(examples, pad_id)
+    pos = torch.zeros_like(b["input_ids"])
+    for i, (_, labels) in enumerate(examples):
+        p = 0
+        for t, lab in enumerate(labels):
+            if lab == IGNORE and t > 0:
+                p = 0
+            pos[i, t] = p
+            p += 1
+    b["position_ids"] = pos
+    del b["attention_mask"]
+    return b
+
+
+def worker(a) -> None:
+    """qdoctor's training path on the peers' tokens; prints one JSON line per shape."""
+    import gc
+
+    import torch
+
+    variant = a.variant
+    if "prep" not in variant.split("+") and variant != "plan":
+        import peft
+
+        peft.prepare_model_for_kbit_training = lambda m, **_: m  # the lean path: no fp32 upcast
+    from qdoctor.facts import collect
+    from qdoctor.train import loop, optim, speed
+    from qdoctor.train import model as M
+    from qdoctor.train import plan as P
+    from qdoctor.train.config import TrainConfig
+    from qdoctor.train.memory import shape_from_config
+
+    mcfg = json.loads((Path(a.model) / "config.json").read_text())
+    facts = collect()
+    results = []
+    model = None
+    for shape in a.shapes.split(","):
+        bs, seq = (int(v) for v in shape.split("x"))
+        packed = seq > 1024
+        cfg = TrainConfig(
+            model=a.model, batch_size=bs, micro_batch=bs, seq_len=seq, packing=packed, lr=2e-4, lora_r=16,
+            lora_alpha=32, lora_dropout=0.0, warmup_steps=0, max_grad_norm=1e9, device="cuda:0",
+            dtype="bf16", quantization="nf4", optimizer="paged_adamw_8bit",
+            gradient_checkpointing="off" if variant != "plan" else "auto",
+        )
+        src = M.resolve(a.model)
+        hf_cfg = M.load_config(src)
+        plan = P.make_plan(cfg, facts, [], shape=shape_from_config(hf_cfg), model_name=a.model,
+                           embedded=False, n_train=10_000, max_len=seq)
+        if "flex" in variant:
+            plan.attention.value = "flex_attention"
+        if "doc" in variant or "flex" in variant:
+            loop.collate = _doc_collate
+        if model is None:
+            t0 = time.perf_counter()
+            model, _ = M.load_for_training(src, plan, 0)
+            if "liger" in variant:
+                speed.apply_liger(model, mcfg["model_type"])
+            elif "flce" in variant:
+                speed.apply_liger(model, mcfg["model_type"], parts=("fused_linear_cross_entropy",))
+            if "compile" in variant:
+                speed.compile_layers(model)
+            load_s = time.perf_counter() - t0
+            init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(init[n])
+        opt = optim.build("paged_adamw_8bit", model.parameters(), 2e-4, 0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.schedule(0))
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        run = loop.Run(model, opt, sched, scaler, [], [], plan, Path("."), 0, 2, "cuda:0", torch.bfloat16,
+                       log=lambda m: print(m, file=sys.stderr), micro=bs)
+        batches = _batches(shape, mcfg["vocab_size"], a.warm + a.steps)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        losses, err = [], None
+        try:
+            for i, ex in enumerate(batches):
+                if i == a.warm:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                loss, _ = loop.train_step(run, ex, bs, 1)
+                losses.append(loss)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        except Exception as e:  # report it and go on with the next shape
+            import traceback
+
+            traceback.print_exc()
+            err = repr(e)[:300]
+        rec = {"contender": "qdoctor", "variant": variant, "bs": bs, "seq": seq, "packed": packed,
+               "load_s": round(load_s, 1),
+               "plan_estimate_gib": round(plan.memory["estimate"]["total_gib"], 2),
+               "plan_checkpointing": plan.v("gradient_checkpointing"),
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        if err is None:
+            rec.update({"tok_s": round(bs * seq * a.steps / dt), "step_s": round(dt / a.steps, 4),
+                        "loss0": round(losses[0], 4), "lossN": round(losses[-1], 4)})
+        else:
+            rec["error"] = err
+        print(json.dumps(rec), flush=True)
+        results.append(rec)
+        del opt, run
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def make_model(name: str, workdir: Path) -> Path:
+    out = workdir / f"rand-{name}"
+    if not (out / "config.json").is_file():
+        cmd = [sys.executable, str(ROOT / "scripts" / "make_random_model.py"), "--out", str(out),
+               *SHAPES[name]]
+        recs, text, dt = _run(cmd, 600)
+        if not (out / "config.json").is_file():
+            raise SystemExit(f"could not build the {name} model:\n{text[-2000:]}")
+        print(f"[bench] built {name} in {dt:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="lean", help=argparse.SUPPRESS)
+    ap.add_argument("--models", default="1b")
+    ap.add_argument("--shapes", default="8x1024,2x4096")
+    ap.add_argument("--contenders", default="plain,unsloth,qdoctor")
+    ap.add_argument("--variants", default="plan")
+    ap.add_argument("--peers", default=None, help="folder with plain_loop.py and unsloth_loop.py")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--workdir", default="/tmp/qbench")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--timeout", type=float, default=400)
+    a = ap.parse_args()
+    if a.worker:
+        worker(a)
+        return
+
+    workdir = Path(a.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    vers = versions()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    records = []
+    for name in a.models.split(","):
+        mdir = make_model(name, workdir)
+        mcfg = json.loads((mdir / "config.json").read_text())
+        runs = []
+        for c in a.contenders.split(","):
+            if c == "qdoctor":
+                for v in a.variants.split(","):
+                    runs.append((c, v, [sys.executable, __file__, "--worker", "--model", str(mdir),
+                                        "--variant", v, "--shapes", a.shapes, "--steps", str(a.steps),
+                                        "--warm", str(a.warm)]))
+            elif c == "plain" and a.peers:
+                for shape in a.shapes.split(","):
+                    bs, seq = shape.split("x")
+                    runs.append((c, "lean", [sys.executable, str(Path(a.peers) / "plain_loop.py"), str(mdir),
+                                             "--bs", bs, "--seq", seq, "--gc", "0", "--prep", "0",
+                                             "--steps", str(a.steps), "--warm", str(a.warm)]))
+            elif c == "unsloth" and a.peers and vers.get("unsloth"):
+                runs.append((c, "gc0", [sys.executable, str(Path(a.peers) / "unsloth_loop.py"), str(mdir),
+                                        "--gc", "0", "--shapes", a.shapes, "--steps", str(a.steps),
+                                        "--warm", str(a.warm)]))
+        for c, v, cmd in runs:
+            recs, text, dt = _run(cmd, a.timeout, env)
+            if not recs:
+                recs = [{"error": text[-600:]}]
+                print(text[-3000:], file=sys.stderr)
+            for r in recs:
+                r.setdefault("contender", c)
+                r.setdefault("variant", v)
+                r["model"] = name
+                r["command"] = " ".join(Path(x).name if x == sys.executable else x for x in cmd)
+                r["process_s"] = round(dt, 1)
+                if r.get("tok_s") and r.get("seq"):
+                    tflops = r["tok_s"] * model_flops_per_token(mcfg, r["seq"]) / 1e12
+                    r["model_tflops"] = round(tflops, 1)
+                    r["mfu"] = round(tflops / H200_BF16_TFLOPS, 3)
+                records.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+    doc = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "versions": vers,
+           "steps": a.steps, "warm": a.warm, "records": records}
+    out = Path(a.out) if a.out else ROOT / "bench" / "results" / (
+        f"{(vers.get('gpu') or 'cpu').replace(' ', '-').lower()}-{doc['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    print(f"{'model':<5} {'contender':<9} {'variant':<14} {'shape':<8} {'tok/s':>8} {'peak GiB':>9} "
+          f"{'est GiB':>8} {'MFU':>6} {'loss0':>8}")
+    for r in records:
+        shape = f"{r.get('bs', '?')}x{r.get('seq', '?')}"
+        print(f"{r['model']:<5} {r['contender']:<9} {r['variant']:<14} {shape:<8} "
+              f"{r.get('tok_s', 'ERR')!s:>8} "
+              f"{r.get('peak_gib', '')!s:>9} {r.get('plan_estimate_gib', '')!s:>8} {r.get('mfu', '')!s:>6} "
+              f"{r.get('loss0', '')!s:>8}")
+
+
+if __name__ == "__main__":
+    main()
