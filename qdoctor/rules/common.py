@@ -196,6 +196,12 @@ def wheels_for(matrix: dict, torch_ver) -> list[dict]:
     return [w for w in wheels(matrix) if matches(torch_ver, w.get("torch"))]
 
 
+def cited(entry: dict) -> str:
+    """How sure the matrix is of an entry, for the evidence: ' (matrix, confidence: inferred)'."""
+    c = entry.get("confidence")
+    return f" (matrix, confidence: {c})" if c else " (matrix)"
+
+
 def wheel_entry(matrix: dict, torch_ver, cuda) -> dict | None:
     c = cuda_tuple(cuda) if not isinstance(cuda, tuple) else cuda
     for w in wheels_for(matrix, torch_ver):
