@@ -9,7 +9,6 @@ from qdoctor.rules import rule
 from qdoctor.rules.common import (
     arch_runs,
     arch_span,
-    area_has_problem,
     bnb,
     bnb_feature,
     bnb_lib_archs,
@@ -90,12 +89,12 @@ def _libs_text(libs) -> str:
     return ", ".join(libs) if libs else "none"
 
 
-@rule("QD400", "bitsandbytes-summary", AREA)
+@rule("QD400", "bitsandbytes-summary", AREA, summary=True)
 def bnb_summary(facts, matrix):
     """One line with the bitsandbytes version, the library it loads and the GPU code in it, shown when
     nothing is wrong in this area."""
     s = _state(facts, matrix)
-    if not s["installed"] or area_has_problem(AREA, facts, matrix, "QD400"):
+    if not s["installed"]:
         return []
     sel = s["selected"]
     title = f"bitsandbytes {s['ver']}"

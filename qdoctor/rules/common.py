@@ -6,6 +6,7 @@ a rule that cannot decide stays silent.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -19,28 +20,51 @@ TORCH_INDEX = "https://download.pytorch.org/whl/{variant}"
 
 
 # ---------------------------------------------------------------- versions
+# Parsing is cached: a judge asks the same few dozen (version, specifier) questions thousands of times
+# (pick_wheel walks every torch minor x wheel x driver mode), and a SpecifierSet costs ~20 us to build.
 def version(s) -> Version | None:
     if not isinstance(s, str) or not s.strip():
         return None
+    return _version(s.strip())
+
+
+@functools.lru_cache(maxsize=2048)
+def _version(s: str) -> Version | None:
     try:
-        return Version(s.strip())
+        return Version(s)
     except InvalidVersion:
-        m = re.match(r"\d+(\.\d+)*", s.strip())
+        m = re.match(r"\d+(\.\d+)*", s)
         try:
             return Version(m.group(0)) if m else None
         except InvalidVersion:
             return None
 
 
-def matches(ver, spec: str | None) -> bool | None:
-    """Does version string `ver` satisfy SpecifierSet `spec`? None when either is unknown."""
-    v = version(ver) if not isinstance(ver, Version) else ver
-    if v is None or not spec:
-        return None
+@functools.lru_cache(maxsize=1024)
+def specifier(spec: str) -> SpecifierSet | None:
     try:
-        return SpecifierSet(spec).contains(Version(v.public), prereleases=True)
+        return SpecifierSet(spec)
     except InvalidSpecifier:
         return None
+
+
+def matches(ver, spec: str | None) -> bool | None:
+    """Does version string `ver` satisfy SpecifierSet `spec`? None when either is unknown."""
+    if not spec:
+        return None
+    if isinstance(ver, Version):
+        ver = str(ver)
+    if not isinstance(ver, str):
+        return None
+    return _matches(ver.strip(), spec)
+
+
+@functools.lru_cache(maxsize=8192)
+def _matches(ver: str, spec: str) -> bool | None:
+    v, sp = version(ver), specifier(spec)
+    if v is None or sp is None:
+        return None
+    return sp.contains(Version(v.public), prereleases=True)
 
 
 def base(ver) -> str | None:
@@ -67,6 +91,11 @@ def cuda_tuple(s) -> tuple[int, int] | None:
     """'12.6' / '12.6.77' / '126' (bnb lib style) -> (12, 6)."""
     if not isinstance(s, str) or not s:
         return None
+    return _cuda_tuple(s)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cuda_tuple(s: str) -> tuple[int, int] | None:
     m = re.fullmatch(r"(\d+)\.(\d+)(\.\d+)?", s.strip())
     if m:
         return int(m.group(1)), int(m.group(2))
@@ -225,13 +254,13 @@ def latest_torch_minor(matrix: dict) -> str | None:
 
 def torch_minors(matrix: dict) -> list[str]:
     """Every torch minor the matrix describes, newest first."""
-    out = set()
-    for w in wheels(matrix):
-        for x in range(0, 30):
-            v = f"2.{x}.0"
-            if matches(v, w.get("torch")):
-                out.add(f"2.{x}")
-    return sorted(out, key=lambda s: tuple(int(p) for p in s.split(".")), reverse=True)
+    return list(_torch_minors(tuple(w.get("torch") or "" for w in wheels(matrix))))
+
+
+@functools.lru_cache(maxsize=8)
+def _torch_minors(specs: tuple[str, ...]) -> tuple[str, ...]:
+    out = {f"2.{x}" for spec in set(specs) for x in range(0, 30) if matches(f"2.{x}.0", spec)}
+    return tuple(sorted(out, key=lambda s: tuple(int(p) for p in s.split(".")), reverse=True))
 
 
 def pick_wheel(facts: dict, matrix: dict, ccs, torch_ver=None, python=None, accept=None):
@@ -358,23 +387,6 @@ def pkg(facts: dict, name: str) -> str | None:
 
 def has_nvidia_gpu(facts: dict) -> bool:
     return bool(all_gpus(facts))
-
-
-# ---------------------------------------------------------------- area summaries
-def area_has_problem(area: str, facts: dict, matrix: dict, skip: str) -> bool:
-    """True when another rule of `area` reports a warning or an error: the area's one `ok` summary is
-    emitted only when nothing is wrong there. Rules are pure, so running them again is safe and cheap."""
-    from qdoctor.rules import REGISTRY
-
-    for r in REGISTRY:
-        if r.area != area or r.code == skip:
-            continue
-        try:
-            if any(f.severity in ("warning", "error") for f in (r.func(facts, matrix) or [])):
-                return True
-        except Exception:  # the crash itself is reported by judge() as QD001
-            return True
-    return False
 
 
 def gib(mib) -> str:

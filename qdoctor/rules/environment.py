@@ -12,7 +12,6 @@ from qdoctor.redact import is_secret_name
 from qdoctor.rules import rule
 from qdoctor.rules.common import (
     all_gpus,
-    area_has_problem,
     bnb,
     bnb_libs,
     bnb_pick,
@@ -41,12 +40,12 @@ def _truthy(v) -> bool:
     return isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on")
 
 
-@rule("QD600", "environment-summary", AREA)
+@rule("QD600", "environment-summary", AREA, summary=True)
 def env_summary(facts, matrix):
     """One line naming the variables that matter to training and their values, shown when nothing is
     wrong in this area."""
     env = _env(facts)
-    if not env or area_has_problem(AREA, facts, matrix, "QD600"):
+    if not env:
         return []
     set_ = [f"{k}={env[k]}" for k in _SHOWN if env.get(k) is not None]
     title = ", ".join(set_) if set_ else "no variables that change GPU, library or hub behaviour are set"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from qdoctor.findings import Finding
 from qdoctor.rules import rule
 from qdoctor.rules.common import (
-    area_has_problem,
     cap,
     cc_tuple,
     compat_floor,
@@ -33,13 +32,13 @@ def _nv(facts):
     return facts.get("nvidia") or {}
 
 
-@rule("QD200", "nvidia-summary", AREA)
+@rule("QD200", "nvidia-summary", AREA, summary=True)
 def nvidia_summary(facts, matrix):
     """One line with the driver, the CUDA version it supports and every GPU (name, arch, memory), shown
     when nothing is wrong in this area."""
     nv = _nv(facts)
     gpus = [g for g in (nv.get("gpus") or []) if isinstance(g, dict)]
-    if not gpus or area_has_problem(AREA, facts, matrix, "QD200"):
+    if not gpus:
         return []
     dc = driver_cuda(facts, matrix)
     head = f"driver {nv.get('driver') or '?'}" + (f" (CUDA {cuda_str(dc)})" if dc else "")

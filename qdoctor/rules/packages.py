@@ -10,7 +10,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from qdoctor import extra, matrix
 from qdoctor.findings import Finding
 from qdoctor.rules import rule
-from qdoctor.rules.common import area_has_problem, matches, python_version, torch_cuda
+from qdoctor.rules.common import matches, python_version, torch_cuda
 
 AREA = "packages"
 
@@ -31,12 +31,12 @@ def _neighbours(mx) -> list[str]:
     return list(matrix.stack_neighbours(mx))
 
 
-@rule("QD500", "packages-summary", AREA)
+@rule("QD500", "packages-summary", AREA, summary=True)
 def packages_summary(facts, matrix):
     """One line with the versions of the QLoRA stack, shown when no conflict or known-bad combination
     was found."""
     pk = _pkgs(facts)
-    if not pk or area_has_problem(AREA, facts, matrix, "QD500"):
+    if not pk:
         return []
     shown = [f"{n} {pk[n]}" for n in _stack(matrix) if n in pk]
     return [

@@ -8,7 +8,6 @@ from qdoctor.rules.common import (
     TORCH_INDEX,
     arch_runs,
     arch_span,
-    area_has_problem,
     cc_tuple,
     cited,
     cuda_str,
@@ -81,12 +80,12 @@ def _wheel_fix(facts, matrix, ccs, tv, python):
     return None, None
 
 
-@rule("QD300", "torch-summary", AREA)
+@rule("QD300", "torch-summary", AREA, summary=True)
 def torch_summary(facts, matrix):
     """One line with the torch version, its CUDA and the GPU code it carries, shown when nothing is wrong."""
     t = _t(facts)
     tv = torch_version(facts)
-    if not tv or area_has_problem(AREA, facts, matrix, "QD300"):
+    if not tv:
         return []
     sass, ptx, origin = _archs(facts, matrix)
     if t.get("cuda"):
