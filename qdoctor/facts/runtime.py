@@ -13,7 +13,7 @@ from qdoctor import cache
 from qdoctor.arch import cc_tuple
 from qdoctor.isolate import tail_lines
 
-MAX_AGE_S = 24 * 3600  # a cached deep result older than this is not shown by a plain check
+MAX_AGE_S = cache.MAX_AGE_S  # a cached deep result older than this is not shown by a plain check
 CACHE_KIND = "runtime"
 
 

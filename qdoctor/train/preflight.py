@@ -1,6 +1,7 @@
 """Before a run: the `check` findings and the probes the run depends on, cached by environment fingerprint.
 
-A relaunch on an unchanged machine reuses the cached probe results (qdoctor.cache, kind "train-preflight").
+A relaunch on an unchanged machine reuses the cached probe results (qdoctor.cache, kind "train-preflight",
+keyed by cache.probe_key: environment, qdoctor version, matrix/ hash, device; at most cache.MAX_AGE_S old).
 Error findings stop the run unless --force.
 """
 
@@ -96,8 +97,8 @@ def run(device: str | None, *, skip_probes: bool = False, timeout: float = 120.0
         pf.notes.append("probes skipped (--skip-probes): the plan relies on facts alone")
         return pf
     names = probe_names(device)
-    key = f"{fp}|{device}|{','.join(names)}"
-    cached = cache.load(CACHE_KIND, key)
+    key = cache.probe_key(fp, device, names)
+    cached = cache.load(CACHE_KIND, key, max_age_s=cache.MAX_AGE_S)
     if isinstance(cached, list):
         pf.probes, pf.cached = cached, True
     else:
