@@ -154,14 +154,37 @@ def test_plan_json_round_trips():
     assert d["optimizer"]["value"] == "paged_adamw_8bit" and d["memory"]["estimate"]["total_gib"] > 0
 
 
-# ---- memory estimate against the measured H200 peaks ----
+# ---- memory estimate against the measured H200 peaks, on rows it was not fitted on ----
 
 
-@pytest.mark.parametrize("row", memory.CALIBRATION)
-def test_estimate_within_15_percent_of_measured(row):
-    shape, mb, seq, ck, measured = row
-    est = memory.estimate(memory.Shape(**shape), micro_batch=mb, seq_len=seq, checkpointing=ck)
-    assert abs(est.total_gib / measured - 1) < 0.15
+def _total(row, act_bytes, monkeypatch):
+    shape, mb, seq, ck, _ = row
+    monkeypatch.setattr(memory, "ACT_BYTES", act_bytes)
+    return memory.estimate(memory.Shape(**shape), micro_batch=mb, seq_len=seq, checkpointing=ck).total_gib
+
+
+def _fit_act_bytes(rows, monkeypatch) -> float:
+    """ACT_BYTES minimising the squared relative error on `rows` (the estimate is affine in it)."""
+    num = den = 0.0
+    for r in rows:
+        m, b = r[-1], _total(r, 0, monkeypatch)
+        k = _total(r, 1, monkeypatch) - b
+        num, den = num + k / m * (1 - b / m), den + (k / m) ** 2
+    return num / den
+
+
+@pytest.mark.parametrize("fit_on,held_out", [("1B", "7B"), ("7B", "1B")])
+def test_estimate_predicts_the_model_it_was_not_fitted_on(fit_on, held_out, monkeypatch):
+    """Fit the one free constant on one model's measured peaks, predict the other model's: within 25%
+    (leave-one-model-out error is 22-24% at worst on these rows; on the fitted rows it is under 15%,
+    which says little). The shipped constant lies between the two fits."""
+    shipped = memory.ACT_BYTES
+    shapes = {"1B": memory.SHAPE_1B, "7B": memory.SHAPE_7B}
+    rows = lambda name: [r for r in memory.CALIBRATION if r[0] is shapes[name]]  # noqa: E731
+    a = _fit_act_bytes(rows(fit_on), monkeypatch)
+    assert 15 < a < 25 and min(a, shipped) / max(a, shipped) > 0.85
+    for r in rows(held_out):
+        assert abs(_total(r, a, monkeypatch) / r[-1] - 1) < 0.25, (r, a)
 
 
 def test_estimate_orders_quantization_and_optimizers():
