@@ -20,11 +20,13 @@ Variants of qdoctor's path (comma-separated, each its own process):
   compile   lean + torch.compile of each decoder layer
   liger+compile
   flce+compile  lean + liger's fused linear cross-entropy only, the rest left to torch.compile
-  +doc      (suffix) packed rows carry position_ids that restart at each document and no attention_mask,
-            so transformers builds a document mask: dense for sdpa, a block mask for +flex
   +flex     (suffix) attn_implementation="flex_attention"
-Packed shapes (seq > 1024) are fed as documents of 256-2048 tokens packed into full rows, so the
-document-masked attention path is what is timed.
+Packed shapes (seq > 1024) are fed as documents of 256-2048 tokens packed into full rows, as qdoctor's
+packing lays them out, so its document-masked attention is what is timed (the peers attend across the
+whole row).
+
+--embedded also runs `qdoctor train` end to end on the embedded tiny model (what a first-time user runs)
+and records wall time, tokens/s and the per-step time, which on a tiny model is host overhead.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def model_flops_per_token(cfg: dict, seq: int) -> float:
 
 def _batches(shape: str, vocab: int, steps: int, seed: int = 0):
     """The peers' tokens: torch.randint(0, min(V, 512), (bs, seq), generator seeded 0 on cuda), one
-    batch per step. Packed shapes: the same stream cut into documents of 256-2048 tokens."""
+    batch per step. Packed shapes (seq > 1024): the same stream cut into documents of 256-2048 tokens,
+    as data.pack lays them out (position ids restarting at each document, its first label ignored)."""
     import random
 
     import torch
@@ -115,35 +118,18 @@ def _batches(shape: str, vocab: int, steps: int, seed: int = 0):
         x = torch.randint(0, min(vocab, 512), (bs, seq), device="cuda", generator=g).cpu().tolist()
         rows = []
         for row in x:
-            labels = list(row)
-            if seq > 1024:
-                pos = 0
-                while pos < seq:
-                    labels[pos] = IGNORE  # a document's first token is never predicted from the last one
-                    pos += rng.randint(256, 2048)
-            rows.append((row, labels))
+            if seq <= 1024:
+                rows.append((row, list(row)))
+                continue
+            labels, pos, start = list(row), [], 0
+            while start < seq:
+                n = min(rng.randint(256, 2048), seq - start)
+                labels[start] = IGNORE
+                pos += range(n)
+                start += n
+            rows.append((row, labels, pos))
         out.append(rows)
     return out
-
-
-def _doc_collate(examples, pad_id):
-    """Packed rows: position_ids restart where a document starts (its first label is IGNORE)."""
-    import torch
-
-    from qdoctor.train.data import IGNORE, collate
-
-    b = collate(examples, pad_id)
-    pos = torch.zeros_like(b["input_ids"])
-    for i, (_, labels) in enumerate(examples):
-        p = 0
-        for t, lab in enumerate(labels):
-            if lab == IGNORE and t > 0:
-                p = 0
-            pos[i, t] = p
-            p += 1
-    b["position_ids"] = pos
-    del b["attention_mask"]
-    return b
 
 
 def worker(a) -> None:
@@ -153,10 +139,6 @@ def worker(a) -> None:
     import torch
 
     variant = a.variant
-    if "prep" not in variant.split("+") and variant != "plan":
-        import peft
-
-        peft.prepare_model_for_kbit_training = lambda m, **_: m  # the lean path: no fp32 upcast
     from qdoctor.facts import collect
     from qdoctor.train import loop, optim, speed
     from qdoctor.train import model as M
@@ -176,15 +158,15 @@ def worker(a) -> None:
             lora_alpha=32, lora_dropout=0.0, warmup_steps=0, max_grad_norm=1e9, device="cuda:0",
             dtype="bf16", quantization="nf4", optimizer="paged_adamw_8bit",
             gradient_checkpointing="off" if variant != "plan" else "auto",
+            fused_loss="auto" if variant == "plan" else "none",
+            compile="auto" if variant == "plan" else "off",
         )
         src = M.resolve(a.model)
         hf_cfg = M.load_config(src)
         plan = P.make_plan(cfg, facts, [], shape=shape_from_config(hf_cfg), model_name=a.model,
-                           embedded=False, n_train=10_000, max_len=seq)
+                           embedded=False, n_train=10_000, max_len=seq, model_type=mcfg["model_type"])
         if "flex" in variant:
             plan.attention.value = "flex_attention"
-        if "doc" in variant or "flex" in variant:
-            loop.collate = _doc_collate
         if model is None:
             t0 = time.perf_counter()
             model, _ = M.load_for_training(src, plan, 0)
@@ -225,6 +207,7 @@ def worker(a) -> None:
             traceback.print_exc()
             err = repr(e)[:300]
         rec = {"contender": "qdoctor", "variant": variant, "bs": bs, "seq": seq, "packed": packed,
+               "plan_fused_loss": plan.v("fused_loss"), "plan_compile": plan.v("compile"),
                "load_s": round(load_s, 1),
                "plan_estimate_gib": round(plan.memory["estimate"]["total_gib"], 2),
                "plan_checkpointing": plan.v("gradient_checkpointing"),
@@ -256,6 +239,32 @@ def make_model(name: str, workdir: Path) -> Path:
     return out
 
 
+def embedded_run(workdir: Path, env: dict, timeout: float) -> dict:
+    """`qdoctor train` with no model or data, end to end (pre-flight probes skipped)."""
+    import shutil
+    import statistics
+
+    out = workdir / "embedded-run"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "qdoctor", "train", "--skip-probes", "--json", "--output", str(out)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    dt = time.perf_counter() - t0
+    rec = {"contender": "qdoctor", "variant": "embedded", "model": "embedded", "command": "qdoctor train "
+           "--skip-probes --json", "process_s": round(dt, 1)}
+    try:
+        summ = json.loads(p.stdout)
+    except ValueError:
+        rec["error"] = (p.stdout + p.stderr)[-600:]
+        return rec
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    per_step = [s["tokens"] / s["tokens_per_s"] for s in steps if s.get("tokens_per_s")]
+    rec.update({"status": summ["status"], "steps": summ["steps"], "tok_s": round(summ["tokens_per_s"] or 0),
+                "wall_s": summ["wall_time_s"], "median_step_s": round(statistics.median(per_step), 4),
+                "first_loss": summ["first_loss"], "final_loss": summ["final_loss"]})
+    return rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -271,6 +280,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/qbench")
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=float, default=400)
+    ap.add_argument("--embedded", action="store_true", help="also time `qdoctor train` on the embedded model")
     a = ap.parse_args()
     if a.worker:
         worker(a)
@@ -318,6 +328,9 @@ def main() -> None:
                     r["mfu"] = round(tflops / H200_BF16_TFLOPS, 3)
                 records.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
+    if a.embedded:
+        records.append(embedded_run(workdir, env, a.timeout))
+        print(json.dumps(records[-1]), file=sys.stderr, flush=True)
     doc = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "versions": vers,
            "steps": a.steps, "warm": a.warm, "records": records}
     out = Path(a.out) if a.out else ROOT / "bench" / "results" / (

@@ -68,6 +68,18 @@ def memory_total_mib() -> int | None:
         return None
 
 
+def c_compiler(environ) -> str | None:
+    """The C compiler Triton would use (its rule: $CC, else cc, gcc, clang on PATH), as a name; None if
+    none. Triton builds a small launcher with it the first time a kernel runs (torch.compile on a GPU)."""
+    import shutil
+
+    path = environ.get("PATH")
+    for cand in ([environ["CC"]] if environ.get("CC") else []) + ["cc", "gcc", "clang"]:
+        if shutil.which(cand, path=path):
+            return os.path.basename(cand)
+    return None
+
+
 def collect(environ=None) -> dict:
     env = os.environ if environ is None else environ
     uname = platform.uname()
@@ -83,4 +95,5 @@ def collect(environ=None) -> dict:
         "container": container(env) if uname.system == "Linux" else None,
         "cpu_count": os.cpu_count(),
         "memory_total_mib": memory_total_mib(),
+        "c_compiler": c_compiler(env),
     }

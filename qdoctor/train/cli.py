@@ -116,6 +116,7 @@ def train(config_file, resume, dry_run, as_json, force, skip_probes, target_modu
         embedded=setup["src"].embedded,
         n_train=len(setup["ds"].train),
         max_len=setup["ds"].max_len,
+        model_type=setup["model_type"],
     )
     if dry_run:
         out(plan.to_json() + "\n" if as_json else plan.render())
@@ -166,6 +167,7 @@ def _setup(cfg, resume: bool) -> dict:
         "tok": tok,
         "ds": ds,
         "shape": memory.shape_from_config(mcfg),
+        "model_type": getattr(mcfg, "model_type", None),
         "output": output,
         "data_name": cfg.data or EMBEDDED_DATA,
         "data_hash": data_hash,

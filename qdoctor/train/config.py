@@ -49,6 +49,8 @@ class TrainConfig:
     optimizer: str = "auto"  # auto | paged_adamw_8bit | adamw_8bit | cpu_adamw | adamw
     gradient_checkpointing: str = "auto"  # auto | on | off
     attention: str = "auto"  # auto | sdpa | eager
+    fused_loss: str = "auto"  # auto | liger | none: fused linear + cross-entropy (never materialises logits)
+    compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
     log_every: int = 1
 
     def to_dict(self) -> dict:
@@ -61,6 +63,8 @@ CHOICES = {
     "optimizer": ("auto", "paged_adamw_8bit", "adamw_8bit", "cpu_adamw", "adamw"),
     "gradient_checkpointing": ("auto", "on", "off"),
     "attention": ("auto", "sdpa", "eager"),
+    "fused_loss": ("auto", "liger", "none"),
+    "compile": ("auto", "on", "off"),
 }
 POSITIVE = (
     "max_steps",

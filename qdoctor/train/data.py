@@ -152,16 +152,22 @@ def build(
 
 
 def pack(examples, seq_len: int):
-    """Concatenate examples into full seq_len rows (attention crosses example boundaries)."""
-    ids, labels, out = [], [], []
-    for a, b in examples:
+    """Concatenate examples into full seq_len rows of (ids, labels, position_ids).
+
+    Position ids restart at each example, so attention stays inside it: transformers turns restarting
+    position ids (with no attention_mask) into a document mask (masking_utils.find_packed_sequence_indices).
+    An example cut at a row's end continues in the next row with its positions continuing.
+    """
+    ids, labels, pos, out = [], [], [], []
+    for a, b, *_ in examples:
         ids += a
         labels += [IGNORE] + b[1:]  # never predict an example's first token from the previous one
+        pos += range(len(a))
         while len(ids) >= seq_len:
-            out.append((ids[:seq_len], labels[:seq_len]))
-            ids, labels = ids[seq_len:], labels[seq_len:]
+            out.append((ids[:seq_len], labels[:seq_len], pos[:seq_len]))
+            ids, labels, pos = ids[seq_len:], labels[seq_len:], pos[seq_len:]
     if ids and any(x != IGNORE for x in labels):
-        out.append((ids, labels))
+        out.append((ids, labels, pos))
     return out
 
 
@@ -180,15 +186,26 @@ def step_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
 
 
 def collate(examples, pad_id: int):
-    """Right-pad to the longest in the micro-batch; returns torch tensors."""
+    """Right-pad to the longest in the micro-batch; returns torch tensors.
+
+    Packed rows (ids, labels, position_ids) get position_ids and no attention_mask, which makes
+    transformers mask attention per document; padding there forms a document of its own.
+    """
     import torch
 
-    n = max(len(a) for a, _ in examples)
+    n = max(len(x[0]) for x in examples)
+    packed = all(len(x) > 2 for x in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, (a, b) in enumerate(examples):
+    pos = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, (a, b, *p) in enumerate(examples):
         ids[i, : len(a)] = torch.tensor(a)
         labels[i, : len(b)] = torch.tensor(b)
         mask[i, : len(a)] = 1
+        if packed:
+            pos[i, : len(a)] = torch.tensor(p[0])
+            pos[i, len(a) :] = torch.arange(n - len(a))
+    if packed:
+        return {"input_ids": ids, "position_ids": pos, "labels": labels}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

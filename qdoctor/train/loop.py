@@ -143,7 +143,7 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
     import torch
 
     run.optimizer.zero_grad(set_to_none=True)
-    n_label = sum(sum(1 for x in b[1:] if x != IGNORE) for _, b in examples)
+    n_label = sum(sum(1 for x in b[1:] if x != IGNORE) for _, b, *_ in examples)
     total = 0.0
     for i in range(accum):
         loss = forward_loss(run, collate(examples[i * micro : (i + 1) * micro], run.pad_id), n_label)
@@ -166,7 +166,7 @@ def evaluate(run: Run) -> float | None:
     if not run.eval:
         return None
     run.model.eval()
-    n_label = sum(sum(1 for x in b[1:] if x != IGNORE) for _, b in run.eval)
+    n_label = sum(sum(1 for x in b[1:] if x != IGNORE) for _, b, *_ in run.eval)
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(run.eval), run.micro):
@@ -230,7 +230,7 @@ def fit(run: Run, progress) -> None:
                 )
             last_finite = loss
             run.step += 1
-            ntok = sum(len(a) for a, _ in examples)
+            ntok = sum(len(x[0]) for x in examples)
             dt = time.perf_counter() - t0
             run.tokens += ntok
             run.elapsed += dt

@@ -3,17 +3,20 @@
     peak = base weights + LoRA (params, grads, optimizer states) + activations + logits
 
 - Quantized linear weights: NF4 + double quant 4.127 bits/param, NF4 alone 4.5 (QLoRA §3), int8 8.5
-  (int8 + per-row scales), none = compute dtype. Embeddings, lm_head and norms are not quantized, and
-  `prepare_model_for_kbit_training` upcasts them to fp32 (4 bytes).
+  (int8 + per-row scales), none = compute dtype. Embeddings, lm_head and norms are not quantized; with fp16
+  compute `prepare_model_for_kbit_training` upcasts them to fp32 ("upcast"), otherwise they stay in the
+  compute dtype.
 - LoRA params and grads are fp32 (peft keeps adapters in fp32); optimizer states per LoRA param: 8-bit
   Adam 2 bytes, 32-bit Adam 8 bytes, CPU-offloaded Adam 0 on the device.
-- Activations per token: without checkpointing ACT_BYTES x (hidden + intermediate) per layer; with it, the
-  fp32 residual (4 x hidden) per layer plus one layer recomputed. Logits: vocab x 10 bytes per token
-  (compute-dtype logits, their fp32 copy in the loss, and its gradient).
+- Activations per token: without checkpointing ACT_BYTES[path] x (hidden + intermediate) per layer; with
+  it, the fp32 residual (4 x hidden) per layer plus one layer recomputed. Logits: vocab x 10 bytes per
+  token (compute-dtype logits, their fp32 copy in the loss, and its gradient), none with a fused linear +
+  cross-entropy loss.
 
-ACT_BYTES = 20 is fitted to the measured H200 peaks in shared/facts/h200-2026-11-28.md (NF4 + DQ, bf16, LoRA
-r=16 on all linear layers, PagedAdamW8bit). `CALIBRATION` holds those rows; tests check the estimate
-against them (within 15%).
+ACT_BYTES per path is fitted to measured H200 peaks (NF4 + DQ, bf16, LoRA r=16 on all linear layers,
+PagedAdamW8bit): "upcast" to the plain loop with prepare_model_for_kbit_training, "eager" and "fused" to
+qdoctor's own path in bench/results/. `CALIBRATION` holds the rows with their source; tests check the
+estimate against them, and the benchmark checks it against every configuration it runs.
 """
 
 from __future__ import annotations
@@ -24,23 +27,36 @@ GIB = 1024**3
 BITS_PER_PARAM = {"nf4": 4.127, "nf4_nodq": 4.5, "int8": 8.5}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIM_STATE_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "cpu_adamw": 0, "adamw": 8}
-ACT_BYTES = 20
+# bytes per token per layer per (hidden + intermediate), by path: fp32-upcast norms (the common recipe),
+# the lean eager path, and the fused path (compiled layers and/or liger kernels)
+ACT_BYTES = {"upcast": 20.0, "eager": 10.8, "fused": 10.2}
 LOGIT_BYTES = 10
 
-# (shape, micro_batch, seq_len, checkpointing, measured peak GiB) from shared/facts/h200-2026-11-28.md
 SHAPE_1B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 SHAPE_7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
+PLAIN_LOOP_H200 = "plain hand-written loop with prepare_model_for_kbit_training, H200, 2026-11-28"
+BENCH_H200 = "bench/results/h200-2026-11-29-call1.json and -call2.json (qdoctor's path, H200)"
+# (shape, micro_batch, seq_len, checkpointing, path, measured peak GiB, source)
 CALIBRATION = [
-    (SHAPE_1B, 8, 1024, True, 6.1),
-    (SHAPE_1B, 8, 1024, False, 26.5),
-    (SHAPE_1B, 2, 4096, True, 6.1),
-    (SHAPE_1B, 2, 4096, False, 26.5),
-    (SHAPE_7B, 8, 1024, True, 13.1),
-    (SHAPE_7B, 8, 1024, False, 87.4),
-    (SHAPE_7B, 2, 4096, True, 15.3),
-    (SHAPE_7B, 2, 4096, False, 93.7),
+    (SHAPE_1B, 8, 1024, True, "upcast", 6.1, PLAIN_LOOP_H200),
+    (SHAPE_1B, 8, 1024, False, "upcast", 26.5, PLAIN_LOOP_H200),
+    (SHAPE_1B, 2, 4096, True, "upcast", 6.1, PLAIN_LOOP_H200),
+    (SHAPE_1B, 2, 4096, False, "upcast", 26.5, PLAIN_LOOP_H200),
+    (SHAPE_7B, 8, 1024, True, "upcast", 13.1, PLAIN_LOOP_H200),
+    (SHAPE_7B, 8, 1024, False, "upcast", 87.4, PLAIN_LOOP_H200),
+    (SHAPE_7B, 2, 4096, True, "upcast", 15.3, PLAIN_LOOP_H200),
+    (SHAPE_7B, 2, 4096, False, "upcast", 93.7, PLAIN_LOOP_H200),
+    (SHAPE_1B, 8, 1024, False, "eager", 17.16, BENCH_H200),
+    (SHAPE_1B, 8, 1024, False, "fused", 13.92, BENCH_H200),
 ]
-CALIBRATION_SOURCE = "shared/facts/h200-2026-11-28.md (measured peak GiB, H200, NF4+DQ, bf16, r=16)"
+CALIBRATION_SOURCE = "measured H200 peaks (README, Measured; bench/results/)"
+
+
+def path_of(quantization: str, dtype: str, fused: bool) -> str:
+    """Which activation model applies: fp32-upcast norms (fp16 on a quantized base), fused, or eager."""
+    if quantization in BITS_PER_PARAM and dtype == "fp16":
+        return "upcast"
+    return "fused" if fused else "eager"
 
 
 @dataclass(frozen=True)
@@ -99,23 +115,27 @@ def estimate(
     dtype: str = "bf16",
     optimizer: str = "paged_adamw_8bit",
     lora_r: int = 16,
+    path: str | None = None,
+    fused_loss: bool = False,
 ) -> Estimate:
+    """path: "upcast" | "eager" | "fused" (None: path_of(quantization, dtype, fused_loss))."""
+    path = path or path_of(quantization, dtype, fused_loss)
     lin = shape.layers * shape.linear_params_per_layer()
     if quantization in BITS_PER_PARAM:
         w_lin = lin * BITS_PER_PARAM[quantization] / 8
-        other_bytes = 4  # prepare_model_for_kbit_training upcasts the rest to fp32
+        other_bytes = 4 if path == "upcast" else DTYPE_BYTES[dtype]
     else:
         w_lin = lin * DTYPE_BYTES[dtype]
         other_bytes = DTYPE_BYTES[dtype]
     w_other = (2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden) * other_bytes
     n_lora = shape.lora_params(lora_r)
     tokens = micro_batch * seq_len
-    per_layer = ACT_BYTES * (shape.hidden + shape.intermediate) * tokens
+    per_layer = ACT_BYTES[path] * (shape.hidden + shape.intermediate) * tokens
     if checkpointing:
         act = shape.layers * 4 * shape.hidden * tokens + per_layer
     else:
         act = shape.layers * per_layer
-    logits = LOGIT_BYTES * shape.vocab * tokens
+    logits = 0 if fused_loss else LOGIT_BYTES * shape.vocab * tokens
     parts = dict(
         weights_gib=(w_lin + w_other) / GIB,
         lora_gib=8 * n_lora / GIB,

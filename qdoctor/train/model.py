@@ -207,7 +207,11 @@ def load_for_training(src: ModelSource, plan, seed: int):
         attn_implementation=plan.v("attention"),
     )
     model.config.use_cache = False
-    if qcfg is not None:
+    if str(plan.v("device")) == "cpu":
+        keep_cpu_4bit_layout(model)
+    if qcfg is not None and plan.v("dtype") == "fp16":
+        # fp16 only: norms and embeddings in fp32 keep loss scaling stable. With bf16 or fp32 compute the
+        # upcast only costs memory and time (H200, 1.1B, 8x1024: 25.3 -> 17.2 GiB, bench/results).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if plan.v("gradient_checkpointing"):
         kw = {"use_reentrant": False}
@@ -225,4 +229,32 @@ def load_for_training(src: ModelSource, plan, seed: int):
         target_modules=lora["targets"],
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, cfg), path
+    model = get_peft_model(model, cfg)
+    apply_speed(model, plan)
+    return model, path
+
+
+def apply_speed(model, plan) -> None:
+    """The speed means the plan chose (qdoctor.train.speed); each was checked available when planned."""
+    from qdoctor.train import speed
+
+    fused = getattr(plan, "fused_loss", None)
+    if fused is not None and fused.value == "liger":
+        speed.apply_liger(model, model.config.model_type, parts=("fused_linear_cross_entropy",))
+    comp = getattr(plan, "compile", None)
+    if comp is not None and comp.value:
+        speed.compile_layers(model)
+
+
+def keep_cpu_4bit_layout(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50's Linear4bit repacks its weights for an inference kernel
+    on the first eval-mode forward without gradients, and unpacks them in state_dict(). The repack
+    crashes when in_features is not a multiple of the blocksize ("shape '[128, 5]' is invalid for input
+    of size 704", seen on the embedded model's evaluation) and each pack/unpack cycle moves the logits by
+    ~1e-3, which breaks exact resume. Source: bitsandbytes nn/modules.py, Linear4bit.forward.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False

@@ -50,6 +50,8 @@ class Plan:
     loss_scaling: Choice
     max_grad_norm: Choice
     weight_decay: Choice
+    fused_loss: Choice
+    compile: Choice
     memory: dict = field(default_factory=dict)
     findings: list = field(default_factory=list)
 
@@ -264,6 +266,49 @@ def optimizer_chain(cfg, facts, probes, device: str) -> list[Choice]:
     return out
 
 
+COMPILE_MIN_PARAMS = 0.3e9  # below this, compiling (20-40 s once) costs more than a typical run saves
+
+
+def _speed_measured() -> str:
+    return "H200, 1.1B, 8x1024: 28.5k tok/s lean, 40.4k compiled, 56.4k compiled + fused loss (bench/results)"
+
+
+def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice:
+    from qdoctor.train import speed
+
+    missing = speed.liger_missing(device, model_type, facts.get("packages"))
+    if cfg.fused_loss == "none":
+        return Choice("none", "set by you")
+    if missing is None:
+        return Choice("liger", "fused linear + cross-entropy (liger-kernel): the full-vocabulary logits are "
+                      "never materialised" + ("" if cfg.fused_loss == "auto" else "; set by you"))
+    if cfg.fused_loss == "liger":
+        return Choice("none", f"liger asked for, but {missing}: the standard loss instead")
+    return Choice("none", f"standard loss: {missing}")
+
+
+def choose_compile(cfg, facts, device: str, dtype: str, checkpointing: bool, quant: str, shape,
+                   embedded: bool) -> Choice:
+    if cfg.compile != "auto":
+        return Choice(cfg.compile == "on", "set by you")
+    pk = facts.get("packages") or {}
+    why = None
+    if not device.startswith("cuda"):
+        why = "CPU: torch.compile is not measured there"
+    elif "triton" not in pk:
+        why = "Triton is not installed (torch.compile's GPU back-end)"
+    elif "c_compiler" in (facts.get("platform") or {}) and not facts["platform"]["c_compiler"]:
+        why = "no C compiler (cc/gcc/clang) on PATH: Triton needs one to build its launcher"
+    elif dtype != "bf16" or quant not in ("nf4", "none") or checkpointing:
+        why = "compiled layers are measured only with bf16, NF4 and no gradient checkpointing"
+    elif embedded or shape.total_params() < COMPILE_MIN_PARAMS:
+        why = "a model this small: compiling (20-40 s once) costs more than it saves"
+    if why:
+        return Choice(False, why)
+    return Choice(True, "torch.compile of each decoder layer (one graph for all): fuses norms, RoPE and "
+                  f"SwiGLU and recomputes them in backward; {_speed_measured()}")
+
+
 def _budget_gib(facts, device: str) -> tuple[float, str]:
     if device == "cpu":
         mib = (facts.get("platform") or {}).get("memory_total_mib")
@@ -283,7 +328,8 @@ def _divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float):
+def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float,
+              fused: bool = False):
     """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails."""
     ck_opts = {"auto": (False, True), "on": (True,), "off": (False,)}[cfg.gradient_checkpointing]
     micros = [cfg.micro_batch] if cfg.micro_batch else _divisors_desc(batch)
@@ -302,6 +348,7 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 dtype=dtype,
                 optimizer=optimizer,
                 lora_r=cfg.lora_r,
+                fused_loss=fused,
             )
             if est.total_gib <= budget:
                 return mb, ck, est
@@ -318,6 +365,7 @@ def make_plan(
     embedded: bool,
     n_train: int,
     max_len: int | None = None,
+    model_type: str | None = "llama",
 ) -> Plan:
     findings = []
     device = choose_device(cfg, facts, probes)
@@ -335,6 +383,7 @@ def make_plan(
     )
     tokens = cfg.seq_len if cfg.packing else min(cfg.seq_len, max_len or cfg.seq_len)
     budget, budget_why = _budget_gib(facts, device.value)
+    fused = choose_fused_loss(cfg, facts, device.value, model_type)
     chosen = None
     for opt in optimizer_chain(cfg, facts, probes, device.value):
         fit = fit_batch(
@@ -346,6 +395,7 @@ def make_plan(
             dtype=dtype.value,
             optimizer=opt.value,
             budget=budget,
+            fused=fused.value == "liger",
         )
         if opt.value == "cpu_adamw" and chosen is None and fit is None:
             continue
@@ -364,6 +414,7 @@ def make_plan(
             dtype=dtype.value,
             optimizer=opt.value,
             lora_r=cfg.lora_r,
+            fused_loss=fused.value == "liger",
         )
         chosen = (opt, (mb, cfg.gradient_checkpointing != "off", est))
         findings.append(
@@ -443,6 +494,7 @@ def make_plan(
         dtype.value == "fp16",
         "fp16 needs dynamic loss scaling" if dtype.value == "fp16" else f"not needed with {dtype.value}",
     )
+    comp = choose_compile(cfg, facts, device.value, dtype.value, ck, quant.value, shape, embedded)
     mem = {
         "device": device.value,
         "budget_gib": round(budget, 2),
@@ -474,6 +526,8 @@ def make_plan(
         loss_scaling=scaling,
         max_grad_norm=Choice(cfg.max_grad_norm, "QLoRA: 0.3" if cfg.max_grad_norm == 0.3 else "set by you"),
         weight_decay=Choice(cfg.weight_decay, "QLoRA: 0" if cfg.weight_decay == 0 else "set by you"),
+        fused_loss=fused,
+        compile=comp,
         memory=mem,
         findings=findings,
     )

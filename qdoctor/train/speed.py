@@ -16,13 +16,20 @@ import importlib.util
 LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 
 
-def liger_missing(device: str, model_type: str | None) -> str | None:
-    """Why liger kernels can't be used here, or None when they can."""
+def liger_missing(device: str, model_type: str | None, packages: dict | None = None) -> str | None:
+    """Why liger kernels can't be used here, or None when they can. `packages`: the facts' installed
+    distributions (name -> version); None means look in this interpreter."""
+
+    def has(dist: str, module: str) -> bool:
+        if packages is not None:
+            return dist in packages
+        return importlib.util.find_spec(module) is not None
+
     if not device.startswith("cuda"):
         return "liger-kernel's Triton kernels need a CUDA GPU"
-    if importlib.util.find_spec("liger_kernel") is None:
+    if not has("liger-kernel", "liger_kernel"):
         return "liger-kernel is not installed (pip install liger-kernel)"
-    if importlib.util.find_spec("triton") is None:
+    if not has("triton", "triton"):
         return "Triton is not installed"
     if model_type not in LIGER_MODEL_TYPES:
         return f"no liger-kernel patch for model type {model_type!r}"
