@@ -1,4 +1,4 @@
-"""Command line: `qdoctor check | smoke | train | rules`. Output and exit codes: qdoctor.console."""
+"""Command line: `qdoctor check | smoke | train | explain | rules`. Output and exit codes: qdoctor.console."""
 
 from __future__ import annotations
 
@@ -53,10 +53,10 @@ def resolve_format(as_json: bool, fmt: str | None) -> str:
 
 
 class LazyGroup(click.Group):
-    """`smoke` and `train` live in their own modules and are imported only when invoked, so that
-    `qdoctor check` does not pay for them at start-up."""
+    """`smoke`, `train` and `explain` live in their own modules and are imported only when invoked, so
+    that `qdoctor check` does not pay for them at start-up."""
 
-    lazy = {"smoke": "qdoctor.smoke.cli", "train": "qdoctor.train.cli"}
+    lazy = {"smoke": "qdoctor.smoke.cli", "train": "qdoctor.train.cli", "explain": "qdoctor.explain"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
@@ -85,8 +85,12 @@ def cli():
               help="Seconds allowed to the child process of --deep.")
 @click.option("--save-facts", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the facts snapshot to this file.")
+@click.option("--model", "model", default=None, metavar="DIR_OR_ID",
+              help="Also say whether QLoRA of this model fits each GPU (its config.json: a local directory "
+                   "or the Hugging Face cache; nothing is downloaded).")
 @format_options
-def check(facts_file, deep, refresh, timeout, save_facts, as_json, fmt, verbose, strict, select, ignore):
+def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, verbose, strict, select,
+          ignore):
     """Observe this machine, judge it against the matrix, print findings with fixes."""
     from qdoctor import matrix
     from qdoctor.facts.schema import FactsError, load_file
@@ -108,6 +112,14 @@ def check(facts_file, deep, refresh, timeout, save_facts, as_json, fmt, verbose,
 
         facts = collect(deep=deep or refresh, timeout=timeout, refresh=refresh,
                         progress=lambda msg: out(f"qdoctor: {msg}...\n", err=True))
+    if model:
+        from qdoctor.facts.model import ModelNotFound
+        from qdoctor.facts.model import collect as collect_model
+
+        try:
+            facts["model"] = collect_model(model)
+        except ModelNotFound as e:
+            raise UsageError(str(e)) from None
     findings = judge(facts, matrix.load())
     findings = select_findings(findings, select_codes, ignore_codes)
     emit_report("check", findings, facts, fmt, verbose)

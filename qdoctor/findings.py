@@ -20,6 +20,7 @@ class Finding:
     evidence: list[str] = field(default_factory=list)
     fix: str | None = None
     area: str = "general"
+    caused_by: str | None = None  # the code of the finding this one follows from (see qdoctor.causes)
 
     def __post_init__(self):
         if self.severity not in _RANK:
@@ -27,6 +28,23 @@ class Finding:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def roots(findings) -> list[Finding]:
+    """Findings that follow from no other finding present: what the user has to fix."""
+    present = {f.code for f in findings}
+    return [f for f in findings if not f.caused_by or f.caused_by not in present]
+
+
+def root_code(f: Finding, findings) -> str:
+    """The code at the end of f's caused_by chain (cycles and dangling links stop the walk)."""
+    by_code = {x.code: x for x in findings}
+    seen = {f.code}
+    cur = f
+    while cur.caused_by and cur.caused_by in by_code and cur.caused_by not in seen:
+        seen.add(cur.caused_by)
+        cur = by_code[cur.caused_by]
+    return cur.code
 
 
 def rank(severity: str) -> int:

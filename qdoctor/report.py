@@ -10,7 +10,7 @@ import json
 import sys
 
 from qdoctor import __version__
-from qdoctor.findings import Finding, rank, worst
+from qdoctor.findings import Finding, rank, root_code, worst
 
 REPORT_SCHEMA = "qdoctor.report/1"
 
@@ -22,14 +22,15 @@ AREAS = [
     ("bitsandbytes", "bitsandbytes"),
     ("packages", "Packages"),
     ("environment", "Environment"),
+    ("model", "Model fit"),
     ("smoke", "Probes"),
     ("plan", "Plan"),
     ("general", "Other"),
 ]
 _AREA_NAMES = dict(AREAS)
 
-_MARKS_UTF = {"ok": "[✓]", "info": "[i]", "warning": "[!]", "error": "[✗]"}
-_MARKS_ASCII = {"ok": "[+]", "info": "[i]", "warning": "[!]", "error": "[x]"}
+_MARKS_UTF = {"ok": "[✓]", "info": "[i]", "warning": "[!]", "error": "[✗]", "then": "↳"}
+_MARKS_ASCII = {"ok": "[+]", "info": "[i]", "warning": "[!]", "error": "[x]", "then": "->"}
 
 
 def _marks(stream=None) -> dict:
@@ -45,7 +46,31 @@ def group_by_area(findings: list[Finding]) -> list[tuple[str, list[Finding]]]:
     return [(a, seen[a]) for a in order]
 
 
+def is_consequence(f: Finding, findings: list[Finding]) -> bool:
+    return root_code(f, findings) != f.code
+
+
+def _depth(f: Finding, findings: list[Finding]) -> int:
+    by_code = {x.code: x for x in findings}
+    n, cur, seen = 0, f, {f.code}
+    while cur.caused_by in by_code and cur.caused_by not in seen:
+        seen.add(cur.caused_by)
+        cur, n = by_code[cur.caused_by], n + 1
+    return n
+
+
+def consequences(findings: list[Finding]) -> dict[str, list[Finding]]:
+    """Root code -> the findings that follow from it (directly first, then through a chain)."""
+    out: dict[str, list[Finding]] = {}
+    for f in findings:
+        r = root_code(f, findings)
+        if r != f.code:
+            out.setdefault(r, []).append(f)
+    return {r: sorted(fs, key=lambda f: _depth(f, findings)) for r, fs in out.items()}
+
+
 def verdict_line(findings: list[Finding], ready_text="READY", not_ready_text="NOT READY") -> str:
+    """'Verdict: NOT READY (3 errors): root cause QD306 <title>' -- the root causes, not the symptoms."""
     n_err = sum(f.severity == "error" for f in findings)
     n_warn = sum(f.severity == "warning" for f in findings)
     parts = []
@@ -54,37 +79,79 @@ def verdict_line(findings: list[Finding], ready_text="READY", not_ready_text="NO
     if n_warn:
         parts.append(f"{n_warn} warning{'s' * (n_warn != 1)}")
     state = not_ready_text if n_err else ready_text
-    return f"Verdict: {state}" + (f" ({', '.join(parts)})" if parts else "")
+    line = f"Verdict: {state}" + (f" ({', '.join(parts)})" if parts else "")
+    roots = list(dict.fromkeys(f.code for f in findings if f.severity == "error"
+                               and not is_consequence(f, findings)))
+    if len(roots) == 1:
+        first = next(f for f in findings if f.code == roots[0])
+        line += f": root cause {first.code} {first.title}"
+    elif len(roots) > 1:
+        line += f": root causes {', '.join(roots)}"
+    return line
+
+
+def _finding_lines(f: Finding, m: dict, verbose: bool, indent: str = "    ") -> list[str]:
+    lines = [f"{indent}{m[f.severity]} {f.code} {f.title}"]
+    if verbose or f.severity in ("error", "warning"):
+        ev = f.evidence if verbose else f.evidence[:2]
+        lines += [f"{indent}    • {e}" for e in ev]
+    if f.fix and f.severity != "info" or (f.fix and verbose):
+        fix_lines = f.fix.splitlines()
+        lines.append(f"{indent}    fix: {fix_lines[0]}")
+        lines += [f"{indent}         {x}" for x in fix_lines[1:]]
+    return lines
 
 
 def render_text(findings: list[Finding], *, verbose: bool = False, header: str | None = None,
-                marks: dict | None = None, footer: list[str] | None = None) -> str:
-    m = marks or _marks()
+                marks: dict | None = None, footer: list[str] | None = None,
+                verdict: str | None = None) -> str:
+    """One line per area; under it the problems with evidence and fix. A consequence is folded under
+    its root cause (no fix of its own); its own area points there."""
+    m = {**_MARKS_UTF, **(marks or _marks())}
     lines = []
     if header:
         lines += [header, ""]
+    under = consequences(findings)
+    area_of = {}
+    for f in findings:
+        area_of.setdefault(f.code, f.area)
     for area, fs in group_by_area(findings):
         w = worst(fs)
-        summary = next((f.title for f in fs if f.severity == "ok"), None)
+        top = [f for f in fs if not is_consequence(f, findings)]
+        folded = [f for f in fs if is_consequence(f, findings)]
+        summary = next((f.title for f in top if f.severity == "ok"), None)
         name = _AREA_NAMES.get(area, area)
+        elsewhere: dict[str, list[str]] = {}  # root code -> codes of this area that follow from it
+        for f in folded:
+            r = root_code(f, findings)
+            if area_of.get(r) != area:
+                elsewhere.setdefault(r, []).append(f.code)
+
+        def follows(r: str, elsewhere=elsewhere) -> str:
+            codes = list(dict.fromkeys(elsewhere[r]))
+            verb = "follows" if len(codes) == 1 else "follow"
+            return f"{', '.join(codes)} {verb} from {r} (see {_AREA_NAMES.get(area_of[r], area_of[r])})"
+
+        problems = [f for f in top if f.severity != "ok"]
+        if summary is None and not problems and elsewhere:
+            summary = "; ".join(follows(r) for r in elsewhere)
+            elsewhere = {}
         lines.append(f"{m[w]} {name}" + (f": {summary}" if summary else ""))
-        shown = sorted(fs, key=lambda f: -rank(f.severity))
-        for f in shown:
+        for f in sorted(top, key=lambda f: -rank(f.severity)):
             if f.severity == "ok":
                 if verbose:
                     lines += [f"    • {e}" for e in f.evidence]
                 continue
-            lines.append(f"    {m[f.severity]} {f.code} {f.title}")
-            if verbose or f.severity in ("error", "warning"):
-                ev = f.evidence if verbose else f.evidence[:2]
-                lines += [f"        • {e}" for e in ev]
-            if f.fix and f.severity != "info" or (f.fix and verbose):
-                fix_lines = f.fix.splitlines()
-                lines.append(f"        fix: {fix_lines[0]}")
-                lines += [f"             {x}" for x in fix_lines[1:]]
+            lines += _finding_lines(f, m, verbose)
+            for c in under.pop(f.code, []):
+                lines.append(f"        {m['then']} {c.code} {c.title}")
+                if verbose:
+                    lines += [f"            • {e}" for e in c.evidence]
+        for r in elsewhere:
+            lines.append(f"    {m['then']} {follows(r)}")
     lines.append("")
     lines += footer or []
-    lines.append(verdict_line(findings))
+    lines.append(verdict or verdict_line(findings))
     return "\n".join(lines) + "\n"
 
 
@@ -106,10 +173,23 @@ def render_markdown(findings: list[Finding], facts: dict | None, command: str,
                     extra_sections: list[str] | None = None) -> str:
     lines = [f"### qdoctor {command} ({__version__})", "", verdict_line(findings), ""]
     lines += ["| | code | area | finding | fix |", "|---|---|---|---|---|"]
-    for f in sorted(findings, key=lambda f: (-rank(f.severity), f.code)):
+    under = consequences(findings)
+
+    def row(f: Finding, prefix: str = "") -> str:
         fix = (f.fix or "").replace("\n", "<br>").replace("|", "\\|")
         title = f.title.replace("|", "\\|")
-        lines.append(f"| {f.severity} | {f.code} | {f.area} | {title} | {('`' + fix + '`') if fix else ''} |")
+        if f.caused_by:
+            fix = f"(follows from {root_code(f, findings)})"
+            return f"| {f.severity} | {prefix}{f.code} | {f.area} | {title} | {fix} |"
+        fix = f"`{fix}`" if fix else ""
+        return f"| {f.severity} | {prefix}{f.code} | {f.area} | {title} | {fix} |"
+
+    for f in sorted(findings, key=lambda f: (-rank(f.severity), f.code)):
+        if is_consequence(f, findings):
+            continue
+        lines.append(row(f))
+        for c in under.pop(f.code, []):
+            lines.append(row(c, "↳ "))
     for s in extra_sections or []:
         lines += ["", s]
     if facts is not None:

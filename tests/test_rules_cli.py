@@ -110,7 +110,7 @@ def test_unknown_code_or_prefix_is_a_usage_error(cmd, flag):
     assert len(lines) == 1 and f"{flag} QD999: no such code or prefix" in lines[0]
     assert "QD4xx bitsandbytes" in lines[0] and "KFxx" in lines[0] and "QD8xx" in lines[0]
     # every family the reference lists is accepted, in any case
-    for ok in ("qd0", "QD7", "KF", "QD801", "QD205"):
+    for ok in ("qd0", "QD7", "KF", "QD801", "QD208"):
         assert qd("check", "--facts", snap("t4"), "--select", ok).exit_code in (0, 1), ok
 
 
@@ -123,7 +123,7 @@ def test_unknown_gpu_architecture_is_not_a_silent_ready(tmp_path):
         f = tmp_path / "cc.json"
         f.write_text(json.dumps(facts))
         r = qd("check", "--facts", str(f))
-        assert r.exit_code == 0 and "QD205" in r.output and "architecture unknown" in r.output
+        assert r.exit_code == 0 and "QD208" in r.output and "architecture unknown" in r.output
         assert "Verdict: READY (1 warning)" in r.output
         assert qd("check", "--facts", str(f), "--strict").exit_code == 1
 

@@ -122,7 +122,15 @@ SNAPSHOTS = {
         set(),
         {"QD503": ["peft 0.14.0", "transformers 4.39.3", "EncoderDecoderCache", "transformers>=4.46"]},
     ),
-    "bnb-placeholder": ({"QD406"}, set(), {"QD406": ["libcudart.so.13", "python -m bitsandbytes"]}),
+    "bnb-placeholder": (
+        {"QD406"}, set(), {"QD406": ["libcudart.so.13", "pip install nvidia-cuda-runtime-cu13"]}
+    ),
+    # 8 H100 on NVSwitches, fabric manager stopped: CUDA error 802 (check --deep); one root cause, QD205
+    "hgx-fabric-manager-stopped": (
+        {"QD205", "QD306", "QD305", "QD407"},
+        set(),
+        {"QD205": ["not-started", "nvidia-fabricmanager-570", "570.133.20"], "QD306": ["Error 802", "KF43"]},
+    ),
     "conflict": (
         {"QD501", "QD502"},
         {"QD504"},
@@ -192,6 +200,9 @@ def variant(base: str, **changes) -> dict:
 
 
 _DEL = object()
+MODEL_8B = {"id": "llama-8b", "max_position_embeddings": 131072, "params": 8_030_261_248,
+            "shape": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8,
+                      "vocab": 128256, "head_dim": None}}
 BNB047_BINS = {
     f"cuda{x}": {
         "archs": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90"],
@@ -206,14 +217,14 @@ VARIANTS = {
     "cc-null": (
         variant("h200-synthetic", **{"nvidia.gpus.0.compute_capability": None}),
         set(),
-        {"QD205"},
-        {"QD205": ["GPU 0 (NVIDIA H200)", "architecture unknown", "None", "compute_cap"]},
+        {"QD208"},
+        {"QD208": ["GPU 0 (NVIDIA H200)", "architecture unknown", "None", "compute_cap"]},
     ),
     "cc-unparseable": (
         variant("h200-synthetic", **{"nvidia.gpus.0.compute_capability": "Hopper"}),
         set(),
-        {"QD205"},
-        {"QD205": ["'Hopper'", "kernel coverage"]},
+        {"QD208"},
+        {"QD208": ["'Hopper'", "kernel coverage"]},
     ),
     "python-3.9": (
         variant("h200-synthetic", **{"platform.python": "3.9.18"}),
@@ -260,9 +271,9 @@ VARIANTS = {
                 "nvidia.cuda_driver": None,
             },
         ),
-        set(),
+        {"QD206"},
         {"QD201"},
-        {"QD201": ["Driver/library version mismatch", "nvidia-smi"]},
+        {"QD201": ["Driver/library version mismatch"], "QD206": ["reboot", "rmmod nvidia_uvm"]},
     ),
     "driver-minor-compat": (
         variant(
@@ -429,6 +440,32 @@ VARIANTS = {
         {"QD603": ["'-1'", "CUDA_VISIBLE_DEVICES=0,1"]},
     ),
     "cvd-hides-the-v100": (variant("mixed-gpus", **{"env.CUDA_VISIBLE_DEVICES": "0"}), set(), set(), {}),
+    "container-without-gpu": (
+        variant("cpu-only-machine", **{"platform.container": "docker", "torch.cuda": "12.8",
+                                        "torch.version": "2.9.1+cu128", "packages.torch": "2.9.1+cu128",
+                                        "driver": {"device_nodes": []}}),
+        set(),
+        {"QD610"},
+        {"QD610": ["docker", "--gpus all", "CUDA 12.8"]},
+    ),
+    "container-cpu-torch-no-gpu": (
+        variant("cpu-only-machine", **{"platform.container": "docker", "driver": {"device_nodes": []}}),
+        set(),
+        set(),
+        {},
+    ),
+    # check --model: a Llama-3.1-8B-shaped config, and a 48-layer and a 70B variant on a T4
+    "model-fits-h200": (
+        variant("h200-synthetic", model=MODEL_8B), set(), set(), {"QD900": ["NVIDIA H200", "micro-batch"]}),
+    "model-short-sequences-only": (
+        variant("t4", model={**MODEL_8B, "shape": {**MODEL_8B["shape"], "layers": 48}}),
+        set(),
+        {"QD203", "QD902"},
+        {"QD902": ["only below 2048 tokens", "--seq-len 1024"]}),
+    "model-too-big": (
+        variant("t4", model={**MODEL_8B, "shape": {**MODEL_8B["shape"], "hidden": 8192, "intermediate": 28672,
+                                                   "heads": 64, "layers": 80}}),
+        {"QD901"}, {"QD203"}, {"QD901": ["FSDP"]}),
     "bnb-override-exists": (
         variant(
             "h200-synthetic",
@@ -479,6 +516,10 @@ def test_every_rule_code_is_exercised():
         fired |= {f.code for f in run(load(name))}
     for facts, *_ in VARIANTS.values():
         fired |= {f.code for f in run(facts)}
+    from test_failure_classes import CLASSES  # the survey's failure classes, each with a broken machine
+
+    for _, broken, _, _ in CLASSES.values():
+        fired |= {f.code for f in run(broken)}
     registered = {c for r in load_rules() for c in r.codes}
     assert registered - fired == set(), f"never fired: {sorted(registered - fired)}"
 

@@ -72,7 +72,19 @@ def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=No
     paths/environ/nvml: what to observe instead of sys.path / os.environ / pynvml (tests inject these).
     progress: called with a one-line notice before the slow step (the deep child), if it runs.
     """
-    from qdoctor.facts import bnb, env, nvidia, packages, platform, runtime, torch_build
+    from qdoctor.facts import (
+        bnb,
+        driver,
+        env,
+        extensions,
+        libsearch,
+        native,
+        nvidia,
+        packages,
+        platform,
+        runtime,
+        torch_build,
+    )
 
     environ = os.environ if environ is None else environ
     facts = empty()
@@ -96,6 +108,11 @@ def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=No
     facts["bitsandbytes"] = b or {"installed": None, "version": facts["packages"].get("bitsandbytes"),
                                   "binaries": {}, "selected": None, "loads": None,
                                   "error": "the bitsandbytes collector failed"}
+
+    facts["driver"] = _timed(facts, "driver", lambda: driver.collect(libsearch.ld_cache()), {})
+    facts["native"] = _timed(facts, "native", lambda: native.collect(environ, paths=paths), {})
+    facts["extensions"] = _timed(facts, "extensions",
+                                 lambda: extensions.collect(paths, facts["torch"].get("path")), {})
 
     nv_thread.join(NVML_TIMEOUT_S)
     if nv_thread.is_alive():

@@ -53,6 +53,7 @@ def scan_binaries(pkg_dir: str, search_paths, environ, ld_cache=None) -> dict:
             entry["error"] = f"cannot read {fname}: {e}"
             out[name] = entry
             continue
+        entry["requires_versions"] = info.get("requires_versions")
         if info["has_fatbin"]:
             entry["archs"], entry["ptx"] = info["archs"], info["ptx"]
         elif name.startswith("cpu"):
@@ -62,6 +63,26 @@ def scan_binaries(pkg_dir: str, search_paths, environ, ld_cache=None) -> dict:
         entry["missing_deps"] = libsearch.missing(info["needed"], dirs, cache)
         out[name] = entry
     return out
+
+
+def wheel_tag(pkg_dir: str, version: str | None) -> str | None:
+    """The installed wheel's tag (dist-info/WHEEL 'Tag:'): 'py3-none-manylinux_2_24_aarch64' for a PyPI wheel,
+    'cp310-cp310-linux_aarch64' for a local or Jetson build; None when unknown."""
+    site = os.path.dirname(pkg_dir)
+    names = [f"bitsandbytes-{version}.dist-info"] if version else []
+    try:
+        names += [n for n in os.listdir(site) if n.startswith("bitsandbytes-") and n.endswith(".dist-info")]
+    except OSError:
+        return None
+    for n in names:
+        try:
+            with open(os.path.join(site, n, "WHEEL"), encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    if line.startswith("Tag:"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            continue
+    return None
 
 
 def collect(paths=None, packages=None, environ=None) -> dict:
@@ -80,6 +101,7 @@ def collect(paths=None, packages=None, environ=None) -> dict:
     out["path"] = pkg_dir
     out["version"] = out["version"] or package_version(pkg_dir)
     out["binaries"] = scan_binaries(pkg_dir, site_dirs(paths), environ)
+    out["wheel_tag"] = wheel_tag(pkg_dir, out["version"])
     return out
 
 

@@ -24,7 +24,8 @@ import struct
 FATBIN_MAGIC = 0xBA55ED50
 KIND_PTX, KIND_ELF = 1, 2
 DT_NEEDED, DT_RPATH, DT_RUNPATH, DT_SONAME = 1, 15, 29, 14
-SHT_DYNAMIC = 6
+SHT_DYNAMIC, SHT_DYNSYM = 6, 11
+SHT_GNU_VERDEF, SHT_GNU_VERNEED = 0x6FFFFFFD, 0x6FFFFFFE
 MAX_FATBIN_ENTRIES = 500_000  # a sanity bound against a corrupt size field looping forever
 
 
@@ -47,9 +48,10 @@ def read_elf(path: str) -> dict:
     """Section table + dynamic section of an ELF file: {'sections': {name: (offset, size)}, 'needed', ...}."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
-        return _read_elf(fd)
+        info = _read_elf(fd)
     finally:
         os.close(fd)
+    return {k: v for k, v in info.items() if not k.startswith("_")}
 
 
 def _read_elf(fd: int) -> dict:
@@ -73,14 +75,16 @@ def _read_elf(fd: int) -> dict:
     # (name, type, flags, addr, offset, size, link, info, align, entsize)
     strtab = shdrs[e_shstrndx]
     names = _read(fd, strtab[4], strtab[5])
-    sections, dynamic = {}, None
+    sections, dynamic, typed = {}, None, {}
     for sh in shdrs:
         name = names[sh[0]:names.index(b"\0", sh[0])].decode("ascii", "replace")
         sections[name] = (sh[4], sh[5])
         if sh[1] == SHT_DYNAMIC:
             dynamic = sh
+        if sh[1] in (SHT_GNU_VERNEED, SHT_GNU_VERDEF, SHT_DYNSYM):
+            typed[sh[1]] = (sh[4], sh[5], shdrs[sh[6]][4], shdrs[sh[6]][5], sh[9])  # + its string table
     out = {"class": 64 if is64 else 32, "machine": e_machine, "sections": sections,
-           "needed": [], "rpath": [], "runpath": [], "soname": None}
+           "needed": [], "rpath": [], "runpath": [], "soname": None, "_typed": typed, "_end": end}
     if dynamic is not None:
         dstr = shdrs[dynamic[6]]
         strs = _read(fd, dstr[4], dstr[5])
@@ -103,6 +107,124 @@ def _read_elf(fd: int) -> dict:
             elif tag == DT_SONAME:
                 out["soname"] = s(val)
     return out
+
+
+def _strings(fd: int, off: int, size: int):
+    data = _read(fd, off, size)
+
+    def s(o: int) -> str:
+        return data[o:data.index(b"\0", o)].decode("utf-8", "replace")
+
+    return s
+
+
+def version_needs(fd: int, info: dict) -> dict[str, list[str]]:
+    """`.gnu.version_r`: the symbol versions a library needs, per providing file:
+    {'libc.so.6': ['GLIBC_2.2.5', 'GLIBC_2.34'], 'libstdc++.so.6': ['GLIBCXX_3.4.29', ...]}.
+
+    Verneed entries are (vn_version u16, vn_cnt u16, vn_file u32, vn_aux u32, vn_next u32), each followed
+    (at vn_aux) by vn_cnt Vernaux (vna_hash u32, vna_flags u16, vna_other u16, vna_name u32, vna_next u32).
+    """
+    sec = info["_typed"].get(SHT_GNU_VERNEED)
+    if not sec:
+        return {}
+    off, size, soff, ssize, _ = sec
+    data, s, end = _read(fd, off, size), _strings(fd, soff, ssize), info["_end"]
+    out: dict[str, list[str]] = {}
+    pos, guard = 0, 0
+    while pos + 16 <= len(data) and guard < 10_000:
+        _ver, cnt, vfile, aux, nxt = struct.unpack_from(end + "HHIII", data, pos)
+        names = out.setdefault(s(vfile), [])
+        a = pos + aux
+        for _ in range(cnt):
+            if a + 16 > len(data):
+                break
+            _h, _f, _o, name, anext = struct.unpack_from(end + "IHHII", data, a)
+            names.append(s(name))
+            if not anext:
+                break
+            a += anext
+        guard += 1
+        if not nxt:
+            break
+        pos += nxt
+    return out
+
+
+def version_defs(fd: int, info: dict) -> list[str]:
+    """`.gnu.version_d`: the symbol versions a library provides (libstdc++: GLIBCXX_3.4 ... GLIBCXX_3.4.33).
+
+    Verdef entries are (vd_version u16, vd_flags u16, vd_ndx u16, vd_cnt u16, vd_hash u32, vd_aux u32,
+    vd_next u32); the first Verdaux (vda_name u32, vda_next u32) names the version.
+    """
+    sec = info["_typed"].get(SHT_GNU_VERDEF)
+    if not sec:
+        return []
+    off, size, soff, ssize, _ = sec
+    data, s, end = _read(fd, off, size), _strings(fd, soff, ssize), info["_end"]
+    out, pos, guard = [], 0, 0
+    while pos + 20 <= len(data) and guard < 10_000:
+        _v, flags, _ndx, cnt, _hash, aux, nxt = struct.unpack_from(end + "HHHHIII", data, pos)
+        if cnt and pos + aux + 8 <= len(data) and not flags & 1:  # VER_FLG_BASE names the file itself
+            (name, _n) = struct.unpack_from(end + "II", data, pos + aux)
+            out.append(s(name))
+        guard += 1
+        if not nxt:
+            break
+        pos += nxt
+    return out
+
+
+def dynamic_symbols(fd: int, info: dict, prefixes: tuple[str, ...]) -> tuple[set[str], set[str]]:
+    """(defined, undefined) names in `.dynsym` that start with one of `prefixes` (e.g. c10's mangled
+    '_ZN3c10'): enough to tell whether an extension needs symbols its torch does not export."""
+    sec = info["_typed"].get(SHT_DYNSYM)
+    if not sec:
+        return set(), set()
+    off, size, soff, ssize, entsize = sec
+    is64 = info["class"] == 64
+    entsize = entsize or (24 if is64 else 16)
+    strtab = _read(fd, soff, ssize)
+    data = _read(fd, off, size)
+    fmt = info["_end"] + ("IBBHQQ" if is64 else "IIIBBH")
+    defined, undefined = set(), set()
+    pfx = tuple(p.encode() for p in prefixes)
+    for i in range(0, len(data) - entsize + 1, entsize):
+        fields = struct.unpack_from(fmt, data, i)
+        name_off = fields[0]
+        shndx = fields[3] if is64 else fields[5]
+        if not strtab.startswith(pfx, name_off):
+            continue
+        name = strtab[name_off:strtab.index(b"\0", name_off)].decode("utf-8", "replace")
+        (defined if shndx else undefined).add(name)
+    return defined, undefined
+
+
+def highest_versions(needs: dict[str, list[str]]) -> dict[str, str]:
+    """{"GLIBC": "2.34", "GLIBCXX": "3.4.29", ...}: the newest version of each family needed."""
+    best: dict[str, tuple] = {}
+    for names in needs.values():
+        for n in names:
+            fam, _, ver = n.partition("_")
+            if fam not in ("GLIBC", "GLIBCXX", "CXXABI") or not ver[:1].isdigit():
+                continue
+            try:
+                t = tuple(int(x) for x in ver.split("."))
+            except ValueError:
+                continue
+            if fam not in best or t > best[fam]:
+                best[fam] = t
+    return {fam: ".".join(str(x) for x in t) for fam, t in sorted(best.items())}
+
+
+def provided_versions(path: str) -> dict[str, str]:
+    """The newest GLIBCXX / CXXABI / GLIBC versions a library (libstdc++.so.6, libc.so.6) defines."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        info = _read_elf(fd)
+        return highest_versions({"self": version_defs(fd, info)})
+    finally:
+        os.close(fd)
 
 
 def walk_fatbin(fd: int, offset: int, size: int) -> dict:
@@ -146,7 +268,8 @@ def sm_name(sm: int) -> str:
 
 
 def inspect(path: str) -> dict:
-    """What qdoctor needs from one library: DT_NEEDED/RPATH/RUNPATH and its fatbin architectures.
+    """What qdoctor needs from one library: DT_NEEDED/RPATH/RUNPATH, its fatbin architectures, and the
+    newest glibc / libstdc++ symbol versions it needs (`requires_versions`, from .gnu.version_r).
 
     `archs`/`ptx` list every SM with at least one entry; `sass_counts` keeps the per-SM container
     counts so a caller can tell a build target from a handful of special kernels.
@@ -159,6 +282,7 @@ def inspect(path: str) -> dict:
             walked = walk_fatbin(fd, fat[0], fat[1])
         else:
             walked = {"containers": 0, "entries": 0, "sass": {}, "ptx": {}}
+        requires = highest_versions(version_needs(fd, info))
     finally:
         os.close(fd)
     return {
@@ -169,6 +293,7 @@ def inspect(path: str) -> dict:
         "archs": [sm_name(s) for s in sorted(walked["sass"])],
         "ptx": [sm_name(s) for s in sorted(walked["ptx"])],
         "sass_counts": {sm_name(s): n for s, n in sorted(walked["sass"].items())},
+        "requires_versions": requires,
     }
 
 
@@ -179,7 +304,7 @@ def inspect_cached(path: str) -> dict:
     key = cache.file_key(path)
     if key is not None:
         hit = cache.load("elf", key)
-        if isinstance(hit, dict):
+        if isinstance(hit, dict) and "requires_versions" in hit:  # older entries lack the version needs
             return hit
     res = inspect(path)
     if key is not None:

@@ -9,6 +9,7 @@ those directories count as found too.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import struct
@@ -44,8 +45,10 @@ def parse_ld_cache(data: bytes) -> dict[str, list[str]]:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def ld_cache(path: str = LD_CACHE, timeout: float = 2.0) -> dict[str, list[str]]:
-    """The loader cache, from the file, else from `ldconfig -p` (short timeout); {} when neither works."""
+    """The loader cache, from the file, else from `ldconfig -p` (short timeout); {} when neither works.
+    Read once per process (several collectors ask); callers must not modify the result."""
     try:
         with open(path, "rb") as fh:
             parsed = parse_ld_cache(fh.read())

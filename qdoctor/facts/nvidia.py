@@ -15,6 +15,8 @@ from qdoctor.arch import cc_str
 from qdoctor.devices import Unmappable, parse_visible
 
 VIRT_MODES = {0: "none", 1: "passthrough", 2: "vgpu", 3: "host-vgpu", 4: "host-vsga"}
+# nvmlGpuFabricState_t: on NVSwitch systems (Hopper+) CUDA waits for "completed" (error 802 until then)
+FABRIC_STATES = {0: "not-supported", 1: "not-started", 2: "in-progress", 3: "completed"}
 
 
 def _text(v):
@@ -102,6 +104,15 @@ def collect(nvml=None, environ=None) -> dict:
     return out
 
 
+def fabric_state(nvml, handle) -> str | None:
+    """The GPU's NVLink fabric registration (nvmlDeviceGetGpuFabricInfo), as a FABRIC_STATES word."""
+    import ctypes
+
+    info = nvml.c_nvmlGpuFabricInfo_t()
+    nvml.nvmlDeviceGetGpuFabricInfo(handle, ctypes.byref(info))
+    return FABRIC_STATES.get(int(info.state))
+
+
 def _gpu(nvml, i: int) -> dict:
     g = {"index": i, "name": None, "uuid": None, "compute_capability": None, "memory_total_mib": None,
          "memory_free_mib": None, "virtualization": None}
@@ -114,6 +125,7 @@ def _gpu(nvml, i: int) -> dict:
     g["uuid"] = _try(lambda: _text(nvml.nvmlDeviceGetUUID(h)))
     g["compute_capability"] = _try(lambda: cc_str(tuple(nvml.nvmlDeviceGetCudaComputeCapability(h))))
     g["virtualization"] = _try(lambda: VIRT_MODES.get(nvml.nvmlDeviceGetVirtualizationMode(h)))
+    g["fabric_state"] = _try(lambda: fabric_state(nvml, h))
     mem = _try(lambda: nvml.nvmlDeviceGetMemoryInfo(h))
     g["memory_total_mib"] = _try(lambda: int(mem.total) // (1 << 20))
     g["memory_free_mib"] = _try(lambda: int(mem.free) // (1 << 20))

@@ -22,15 +22,16 @@ NEIGHBOURS = (
     "torchvision", "torchaudio", "torchao", "sentencepiece", "protobuf", "scipy", "nvidia-ml-py", "pynvml",
     "pyelftools", "packaging", "psutil", "click", "qdoctor", "intel-extension-for-pytorch", "liger-kernel",
     "vllm", "setuptools", "typing-extensions", "sympy", "jinja2", "filelock", "fsspec", "regex", "tqdm",
-    "cupy", "cuda-python", "cuda-bindings", "ninja", "wheel", "pip",
+    "cupy", "cuda-python", "cuda-bindings", "ninja", "wheel", "pip", "llamafactory", "axolotl",
 )
 PREFIXES = ("nvidia-", "bitsandbytes", "torch", "triton", "cupy-", "cuda-", "flash-attn", "unsloth")
 # whose requirements are checked besides the stack (the ML packages around it; qdoctor's own too)
 CHECKED_NEIGHBOURS = (
     "triton", "trl", "safetensors", "tokenizers", "huggingface-hub", "datasets", "torchvision", "torchaudio",
     "torchao", "xformers", "flash-attn", "deepspeed", "unsloth", "unsloth-zoo", "optimum", "qdoctor",
+    "llamafactory", "axolotl", "liger-kernel",
 )
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: trainer frameworks joined CHECKED
 
 _NORM = re.compile(r"[-_.]+")
 _DIR = re.compile(r"^(?P<name>.+?)(?:-(?P<version>[^-]+?))?(?:-py\d[^-]*)?\.(?P<kind>dist-info|egg-info)$")

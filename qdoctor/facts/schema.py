@@ -21,6 +21,10 @@ SECTIONS = {
     "torch": (dict, {}),
     "bitsandbytes": (dict, {}),
     "env": (dict, {}),
+    "driver": (dict, {}),
+    "native": (dict, {}),
+    "extensions": (dict, {}),
+    "model": (dict, {}),
     "runtime": (dict, {}),
     "collectors": (dict, {}),
 }

@@ -90,6 +90,26 @@ def scan_arch(lib_dir: str) -> dict | None:
             "libraries": seen}
 
 
+HOST_LIBS = ("libtorch_python.so", "libtorch_cpu.so", "libc10.so")
+
+
+def requires_versions(lib_dir: str) -> dict | None:
+    """The newest glibc / libstdc++ versions torch's own libraries need (.gnu.version_r), or None."""
+    best: dict[str, str] = {}
+    for name in HOST_LIBS + CUDA_LIBS:
+        path = os.path.join(lib_dir, name)
+        if not os.path.exists(path):
+            continue
+        for fam, ver in (elf.inspect_cached(path).get("requires_versions") or {}).items():
+            if fam not in best or _vt(ver) > _vt(best[fam]):
+                best[fam] = ver
+    return best or None
+
+
+def _vt(v: str) -> tuple:
+    return tuple(int(x) for x in v.split(".") if x.isdigit())
+
+
 def collect(paths=None, packages: dict | None = None) -> dict:
     out = {"installed": False, "version": None, "cuda": None, "hip": None, "xpu": None, "arch_list": None,
            "ptx": None, "cuda_available": None, "device_count": None, "bf16_supported": None, "error": None,
@@ -115,6 +135,10 @@ def collect(paths=None, packages: dict | None = None) -> dict:
         out["version"] = meta_version
         out["error"] = f"cannot read torch/version.py: {e}"
         return out
+    try:
+        out["requires_versions"] = requires_versions(os.path.join(pkg_dir, "lib"))
+    except (OSError, elf.ElfError):
+        out["requires_versions"] = None
     if out["cuda"]:
         try:
             scanned = scan_arch(os.path.join(pkg_dir, "lib"))

@@ -5,6 +5,7 @@ the generated rule reference (docs/rules.md). A rule that raises is itself repor
 broken rule never hides the others. An area's `summary` rule (its one `ok` line) runs after the
 others, once, and only for an area where none of them reported a warning or an error. Findings that
 say the same thing twice (one code, one title: two matrix rows matching one combination) are merged.
+Consequences are then linked to their causes (qdoctor.causes).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import importlib
 import inspect
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qdoctor.findings import Finding
 
@@ -35,7 +36,8 @@ class Rule:
 REGISTRY: list[Rule] = []
 
 # Area modules, imported on first use so `import qdoctor.rules` stays cheap.
-_MODULES = ["platform", "nvidia", "torch", "bitsandbytes", "packages", "environment"]
+_MODULES = ["platform", "nvidia", "torch", "bitsandbytes", "packages", "environment",
+            "cuda_init", "native", "jetson", "extensions", "container", "model"]
 
 
 def rule(code: str, slug: str, area: str, also: Iterable[str] = (), summary: bool = False):
@@ -80,7 +82,9 @@ def judge(facts: dict, matrix: dict) -> list[Finding]:
     for r in rules:
         if r.summary:
             results[id(r)] = [] if r.area in troubled else _run(r, facts, matrix)
-    return merge_duplicates([f for r in rules for f in results[id(r)]])
+    from qdoctor.causes import link
+
+    return link(merge_duplicates([f for r in rules for f in results[id(r)]]), matrix)
 
 
 def merge_duplicates(findings: list[Finding]) -> list[Finding]:
@@ -97,6 +101,6 @@ def merge_duplicates(findings: list[Finding]) -> list[Finding]:
             continue
         g = out[key]
         fixes = [x for x in dict.fromkeys((g.fix, f.fix)) if x]
-        out[key] = Finding(g.code, max(g.severity, f.severity, key=rank), g.title,
-                           list(dict.fromkeys(g.evidence + f.evidence)), "\n".join(fixes) or None, g.area)
+        out[key] = replace(g, severity=max(g.severity, f.severity, key=rank), fix="\n".join(fixes) or None,
+                           evidence=list(dict.fromkeys(g.evidence + f.evidence)))
     return list(out.values())

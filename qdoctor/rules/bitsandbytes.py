@@ -3,6 +3,8 @@ code for every GPU. Facts (the library's own fatbinary) win over the matrix; the
 
 from __future__ import annotations
 
+import re
+
 from qdoctor import bnb_loader
 from qdoctor.findings import Finding
 from qdoctor.rules import rule
@@ -340,22 +342,42 @@ def bnb_missing_deps(facts, matrix):
 def bnb_not_loaded(facts, matrix):
     """The native library did not load at runtime (--deep). Since 0.46 `import bitsandbytes` still
     succeeds and installs a placeholder, so 4-bit dies only at the first kernel call. Error with the
-    loader's own message."""
+    loader's own message, and the fix of the known failure it matches (a missing CUDA runtime library
+    names the pip wheel that provides it). A static cause (QD402-QD405, QD104/QD105) is shown instead."""
+    from qdoctor.known_failures import match
+
     b = bnb(facts)
     if b.get("loads") is not False:
         return []
     err = b.get("error") or "no error text recorded"
+    ev = [
+        "bitsandbytes.loads = false",
+        f"bitsandbytes.error = {err}",
+        f"bitsandbytes.selected = {b.get('selected')}",
+    ]
+    text = "\n".join(x for x in (b.get("error"), b.get("error_detail")) if isinstance(x, str))
+    kf = match(text, matrix)
+    lib = b.get("selected")
+    if kf is not None:
+        ev.append(f"known failure {kf.code} ({kf.slug}): {kf.title}; source: {kf.source}")
+        fix = kf.fix
+        missing = re.findall(r"(lib\w+)\.so\.(\d+)\S*: cannot open shared object file", text)
+        pkgs = sorted({_PIP_CUDA_LIB[n.lower()].format(m=major) for n, major in missing
+                       if n.lower() in _PIP_CUDA_LIB})
+        if pkgs:
+            fix = (f"pip install {' '.join(pkgs)}  # provides "
+                   + ", ".join(f"{n}.so.{m}" for n, m in missing) + f" for libbitsandbytes_{lib}")
+    else:
+        fix = (f"the loader's error (above) is not a known failure: it names the file it tried "
+               f"(libbitsandbytes_{lib}) and why it failed; `qdoctor explain` on the full "
+               f"`python -c 'import bitsandbytes'` output matches it against every known failure")
     return [
         Finding(
             "QD406",
             "error",
             f"bitsandbytes {bnb_version(facts) or ''} native library does not load".replace("  ", " "),
-            [
-                "bitsandbytes.loads = false",
-                f"bitsandbytes.error = {err}",
-                f"bitsandbytes.selected = {b.get('selected')}",
-            ],
-            "python -m bitsandbytes  # prints the loader's diagnosis; then fix what it names",
+            ev,
+            fix,
             AREA,
         )
     ]

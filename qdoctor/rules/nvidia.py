@@ -65,6 +65,8 @@ def no_gpu(facts, matrix):
     bitsandbytes >= 0.46, only slowly (info). An NVML error while a driver is present is a warning."""
     nv = _nv(facts)
     status = nv.get("status")
+    if (facts.get("driver") or {}).get("jetson"):
+        return []  # a Jetson has no NVML but a GPU (QD207)
     if status in ("no-nvml", "no-driver", "no-gpu"):
         what = {
             "no-nvml": "no NVML library (no NVIDIA driver installed)",
@@ -198,7 +200,7 @@ def no_bf16(facts, matrix):
     ]
 
 
-@rule("QD205", "gpu-architecture-unknown", AREA)
+@rule("QD208", "gpu-architecture-unknown", AREA)
 def cc_unknown(facts, matrix):
     """A visible GPU's compute capability is missing or unreadable (NVML did not answer, or a snapshot
     holds something that is not 'major.minor'): whether torch and bitsandbytes carry code for it cannot
@@ -213,7 +215,7 @@ def cc_unknown(facts, matrix):
               + ", ".join(f"GPU {g.get('index', '?')}" for g in bad))
     return [
         Finding(
-            "QD205",
+            "QD208",
             "warning",
             f"{', '.join(gpu_name(g) for g in bad)}: architecture unknown, so kernel coverage cannot be "
             "verified",

@@ -90,8 +90,11 @@ def conflicts(facts, matrix):
 @rule("QD502", "unmet-requirement", AREA)
 def unmet(facts, matrix):
     """An installed distribution of the stack declares a requirement the environment does not meet
-    (pip check style). Error between two core packages of the stack, warning otherwise."""
+    (pip check style). Error between two core packages of the stack, and when a trainer framework that
+    refuses to run outside its ranges (LLaMA-Factory, unsloth: matrix `gates`) requires a core package or
+    its own companion; warning otherwise."""
     core = set(_stack(matrix))
+    gates = set(((matrix.get("packages") or {}).get("stack") or {}).get("gates", []))
     out = []
     for r in facts.get("requirements") or []:
         if not isinstance(r, dict) or not r.get("requirement"):
@@ -101,7 +104,9 @@ def unmet(facts, matrix):
             target = _norm(req.name)
         except InvalidRequirement:
             target = None
-        sev = "error" if _norm(r.get("package") or "") in core and target in core else "warning"
+        pkg = _norm(r.get("package") or "")
+        gated = pkg in gates and (target in core or target in gates)
+        sev = "error" if (pkg in core and target in core) or gated else "warning"
         have = r.get("installed") or "not installed"
         out.append(
             Finding(

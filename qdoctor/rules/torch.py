@@ -193,21 +193,35 @@ def torch_arch(facts, matrix):
 
 @rule("QD304", "torch-import-failed", AREA)
 def torch_import_failed(facts, matrix):
-    """torch is installed but importing it failed in the runtime child (--deep): error with its message."""
+    """torch is installed but importing it failed in the runtime child (--deep): error with its message. A
+    known cause in the message (a glibc/libstdc++ too old, a shadowed CUDA library) gives that fix; a CUDA
+    initialisation error is not an import failure (QD306)."""
+    from qdoctor.known_failures import match
+    from qdoctor.rules.cuda_init import is_cuda_init_error
+
     t = _t(facts)
     err = t.get("error")
-    if not err or _installed(facts) is False:
+    if not err or _installed(facts) is False or err.startswith("torch.cuda."):
+        return []
+    if is_cuda_init_error(err, matrix):
         return []
     tv = torch_version(facts)
+    ev = [f"torch.error = {err}"]
+    kf = match(err, matrix)
+    if kf is not None:
+        ev.append(f"known failure {kf.code} ({kf.slug}): {kf.title}; source: {kf.source}")
+        fix = kf.fix
+    elif tv:
+        fix = f"reinstall it in a clean environment: pip install --force-reinstall --no-deps 'torch=={tv}'"
+    else:
+        fix = "pip install --force-reinstall torch"
     return [
         Finding(
             "QD304",
             "error",
             f"torch {tv or ''} is installed but fails to import".replace("  ", " "),
-            [f"torch.error = {err}"],
-            f"reinstall it in a clean environment: pip install --force-reinstall --no-deps 'torch=={tv}'"
-            if tv
-            else "pip install --force-reinstall torch",
+            ev,
+            fix,
             AREA,
         )
     ]
@@ -216,12 +230,24 @@ def torch_import_failed(facts, matrix):
 @rule("QD305", "torch-cuda-unavailable", AREA)
 def torch_cuda_unavailable(facts, matrix):
     """At runtime (--deep) a CUDA build of torch reported torch.cuda.is_available() == False although the
-    driver shows GPUs: training would silently use the CPU. Error; the usual causes are a driver older
-    than the wheel (QD202), CUDA_VISIBLE_DEVICES, or a container started without GPU access."""
+    driver shows GPUs: training would silently use the CPU. Error. Its cause, when the facts show one (a
+    CUDA initialisation error QD306, the fabric manager QD205, a driver/module mismatch QD206, a driver
+    older than the wheel QD202), is shown instead of a fix of its own."""
+    from qdoctor.rules.cuda_init import cuda_error_text
+
     t = _t(facts)
     gpus = visible_gpus(facts)
     if t.get("cuda_available") is not False or not t.get("cuda") or not gpus:
         return []
+    text = cuda_error_text(facts)
+    said = [ln.strip()[:300] for ln in text.splitlines() if "cuda" in ln.lower() and ln.strip()][:2]
+    if said:
+        fix = ("the CUDA error torch reported (above) is not a known one: paste the whole output of "
+               "`python -c 'import torch; torch.cuda.init()'` into `qdoctor explain -`; "
+               "check that `nvidia-smi` works")
+    else:
+        fix = ("torch recorded no CUDA error: run `python -c 'import torch; torch.cuda.init()' 2>&1 | "
+               "qdoctor explain -` to name the cause; in a container, start it with --gpus all")
     return [
         Finding(
             "QD305",
@@ -232,9 +258,8 @@ def torch_cuda_unavailable(facts, matrix):
                 "torch.cuda_available = false",
                 f"nvidia.gpus = {group_label(gpus)}",
             ]
-            + ([f"torch.error = {t['error']}"] if t.get("error") else []),
-            "python -c 'import torch; torch.cuda.init()'  # shows the real CUDA error; in a container run "
-            "it with --gpus all",
+            + [f"torch reported: {x}" for x in said],
+            fix,
             AREA,
         )
     ]

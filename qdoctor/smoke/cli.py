@@ -72,7 +72,7 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
         out(f"qdoctor smoke: {len(select_probes(list(probes)))} probe(s) on {dev}\n", err=True)
     results = run_probes(list(probes) or None, dev, timeout, facts, compute_dtype=compute_dtype,
                          inject=inject, jobs=jobs, isolation=isolation, progress=_progress(show), matrix=mx)
-    findings = check_findings + findings_for(results)
+    findings = check_findings + findings_for(results, check_findings)
     findings = select_findings(findings, select_codes, ignore_codes)
     probe_dicts = [r.to_dict() for r in results]
     emit_report("smoke", findings, facts, fmt, verbose, extra={"device": dev, "probes": probe_dicts},

@@ -7,7 +7,7 @@ A matched known failure (matrix/failures.toml) adds its code, title and fix.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from qdoctor.findings import Finding
 from qdoctor.smoke.registry import PROBES
@@ -45,6 +45,24 @@ def code_for(probe: str, status: str) -> str:
     return f"QD7{PROBES[probe].index}{KIND[status]}"
 
 
+def _fallback_fix(r: ProbeResult) -> str:
+    """What to look at when the failure is not a known one, and why (never just "rerun")."""
+    again = f"`qdoctor smoke --probe {r.probe} --format markdown`"
+    if r.status == "timeout":
+        return ("no result in time: a kernel or the driver hangs (the output tail above shows the last "
+                "call); on a slow or busy machine raise --timeout; else report it with " + again)
+    if r.status == "crash":
+        return ("a native crash (torch, bitsandbytes or the driver), not a Python error: the output tail "
+                "above shows the last call; update bitsandbytes and the NVIDIA driver, then report it with "
+                + again)
+    if r.error:
+        return ("not a known failure: the exception above names the call that failed; if `qdoctor check` "
+                "finds nothing wrong with the stack, report it with " + again)
+    return ("the kernels ran but computed numbers outside the expected band (above): wrong results, not "
+            "a crash; compare with `qdoctor check` (a library without this GPU's code), then report it with "
+            + again)
+
+
 def to_finding(r: ProbeResult) -> Finding | None:
     if r.status == "pass":
         return None
@@ -63,8 +81,7 @@ def to_finding(r: ProbeResult) -> Finding | None:
         tail = [ln for ln in r.error.strip().splitlines() if ln.strip()][-3:]
         ev += tail
     if fix is None and r.status in ("fail", "crash", "timeout"):
-        fix = (f"rerun `qdoctor smoke --probe {r.probe} -v`; if it persists, attach "
-               "`qdoctor smoke --format markdown` to a bug report")
+        fix = _fallback_fix(r)
     sev = "info" if r.status == "skip" else "error"
     return Finding(code_for(r.probe, r.status), sev, title, ev, fix, "smoke")
 
@@ -79,7 +96,18 @@ def summary_finding(results: list[ProbeResult]) -> Finding:
     return Finding("QD700", "ok", title, ev, None, "smoke")
 
 
-def findings_for(results: list[ProbeResult]) -> list[Finding]:
+def findings_for(results: list[ProbeResult], check_findings=()) -> list[Finding]:
+    """The summary line and one finding per probe that did not pass. A failure that a `check` finding
+    predicted (the known failure's check_codes) names that finding as its cause and drops its own fix."""
+    fired = [f.code for f in check_findings if f.severity in ("warning", "error")]
     out = [summary_finding(results)]
-    out += [f for f in (to_finding(r) for r in results) if f is not None]
+    for r in results:
+        f = to_finding(r)
+        if f is None:
+            continue
+        cause = next((c for c in ((r.finding or {}).get("check_codes") or []) if c in fired), None)
+        if cause and f.severity == "error":
+            note = f"follows from {cause}: `qdoctor check` predicted this failure"
+            f = replace(f, caused_by=cause, fix=None, evidence=[*f.evidence, note])
+        out.append(f)
     return out

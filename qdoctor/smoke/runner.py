@@ -142,13 +142,25 @@ def build_result(probe: str, raw: dict, matrix: dict) -> ProbeResult:
             r.status = "fail"
             r.reason = r.failed_checks[0].split(" (")[0] + (f" (+{more} more)" if more else "")
     if r.status != "pass":
-        errors = [v for k, v in m.items() if k.endswith("_error") and isinstance(v, str)]
+        errors = probe_errors(m)
+        if errors and not r.error:
+            r.error = "\n".join(errors)  # the real exception text behind "peft_ok = False"
         text = "\n".join(x for x in (r.error, tail, *errors, "\n".join(m.get("logs") or [])) if x)
         kf = known_failures.match(text, matrix)
         r.finding = kf.to_dict() if kf else None
     if r.error:
         r.error = redact(r.error)
     return r
+
+
+def probe_errors(m: dict) -> list[str]:
+    """Exception texts a probe recorded in its measurements: `*_error` values, and the import errors of the
+    imports probe (modules.<name>.error), each as '<module>: <error>'."""
+    out = [v for k, v in m.items() if k.endswith("_error") and isinstance(v, str) and v]
+    for name, rec in (m.get("modules") or {}).items():
+        if isinstance(rec, dict) and not rec.get("ok") and isinstance(rec.get("error"), str):
+            out.append(f"{name}: {rec['error']}")
+    return out
 
 
 def skipped(probe: str, reason: str) -> ProbeResult:

@@ -44,6 +44,12 @@ def _opt(*names, **kw):
     "--model",
     help="Local Hugging Face model directory, or a hub id when online. Default: the embedded tiny Llama.",
 )
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    default=None,
+    help="Allow a model that needs its own Python code (auto_map) to run it. Off by default.",
+)
 @_opt("--data", help="JSONL with text, prompt/completion or messages. Default: the embedded instruction set.")
 @_opt("--output", help="Run directory (default: runs/<model>-<time>).")
 @_opt("--max-steps", type=int, help="Optimizer steps.")
@@ -72,6 +78,7 @@ def train(config_file, resume, dry_run, as_json, force, skip_probes, target_modu
 
     extra.require("train")  # one line and exit 2 without the `train` extra, not an ImportError
     from qdoctor.train import config as C
+    from qdoctor.train.checkpoint import CheckpointError
     from qdoctor.train.data import DataError
     from qdoctor.train.model import ModelError
 
@@ -81,7 +88,7 @@ def train(config_file, resume, dry_run, as_json, force, skip_probes, target_modu
     try:
         cfg = C.build(C.load_toml(config_file) if config_file else None, flags)
         setup = _setup(cfg, resume)
-    except (C.ConfigError, DataError, ModelError, BadInput) as e:
+    except (C.ConfigError, DataError, ModelError, BadInput, CheckpointError) as e:
         _fail(str(e))
     from qdoctor.smoke.runner import ProbeUsageError
     from qdoctor.train import plan as P
@@ -137,12 +144,12 @@ def _setup(cfg, resume: bool) -> dict:
     from qdoctor.train import memory
     from qdoctor.train import model as M
 
-    src = M.resolve(cfg.model)
+    src = M.resolve(cfg.model, cfg.trust_remote_code)
     if resume and not cfg.output:
         raise BadInput("--resume needs --output DIR (the run to continue)")
     tok = M.load_tokenizer(src)
     mcfg = M.load_config(src)
-    skel = M.meta_model(mcfg)
+    skel = M.meta_model(mcfg, src.trust_remote_code)
     M.check_targets(cfg.target_modules, skel, src.name)
     data_path = cfg.data or str(M.assets_dir() / "instructions.jsonl")
     rows = D.read_jsonl(data_path)
@@ -161,6 +168,11 @@ def _setup(cfg, resume: bool) -> dict:
         else Path("runs") / (Path(src.name).name + time.strftime("-%Y%m%d-%H%M%S"))
     )
     _check_output(output, resume)
+    if resume:
+        from qdoctor.train import checkpoint
+
+        if checkpoint.exists(output):  # a pickle, a damaged or a foreign checkpoint: refused before writing
+            checkpoint.verify(output)
     data_hash = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()[:16]
     return {
         "src": src,
@@ -263,7 +275,10 @@ def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start) -> int:
     run.stop_after = _test_stop_after()
     first_eval = None
     if resume and checkpoint.exists(output):
-        st = checkpoint.load(output, model, opt, sched, scaler)
+        try:
+            st = checkpoint.load(output, model, opt, sched, scaler)
+        except checkpoint.CheckpointError as e:
+            _fail(str(e))
         run.step, run.micro, run.tokens, run.elapsed = (
             st["step"],
             st["micro_batch"],

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     model: str | None = None  # local HF dir or hub id; None = the embedded tiny Llama
+    trust_remote_code: bool = False  # run Python code shipped with the model (never by default)
     data: str | None = None  # JSONL; None = the embedded instruction set
     output: str | None = None  # None = runs/<model>-<time>
     max_steps: int | None = None  # optimizer steps

@@ -159,3 +159,38 @@ def shape_from_config(cfg) -> Shape:
         vocab=get("vocab_size"),
         head_dim=get("head_dim", None),
     )
+
+
+def shape_from_config_json(cfg: dict) -> Shape:
+    """A Shape from a Hugging Face config.json dict, for `check --model` (no transformers import).
+
+    Reads the text tower of multimodal configs (text_config / llm_config), GPT-2 style names (n_embd,
+    n_layer, n_head), and counts every expert's MLP for mixture-of-experts models (all experts' weights are
+    resident; activations are then over-estimated, which errs on the safe side). Raises ValueError naming
+    the first size it cannot find.
+    """
+    for key in ("text_config", "llm_config", "language_config"):
+        if "hidden_size" not in cfg and isinstance(cfg.get(key), dict):
+            cfg = cfg[key]
+
+    def first(*keys):
+        for k in keys:
+            if isinstance(cfg.get(k), int) and cfg[k] > 0:
+                return cfg[k]
+        return None
+
+    hidden = first("hidden_size", "n_embd", "d_model")
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    heads = first("num_attention_heads", "n_head")
+    vocab = first("vocab_size")
+    for name, val in (("hidden_size", hidden), ("num_hidden_layers", layers), ("num_attention_heads", heads),
+                      ("vocab_size", vocab)):
+        if val is None:
+            raise ValueError(f"config.json has no {name}")
+    experts = first("num_local_experts", "num_experts", "n_routed_experts") or 1
+    inter = first("moe_intermediate_size") if experts > 1 else None
+    inter = inter or first("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    shared = (first("n_shared_experts", "num_shared_experts") or 0) if experts > 1 else 0
+    return Shape(hidden=hidden, intermediate=inter * (experts + shared), layers=layers, heads=heads,
+                 kv_heads=first("num_key_value_heads", "num_kv_heads") or heads, vocab=vocab,
+                 head_dim=first("head_dim"))

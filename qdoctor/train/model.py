@@ -3,6 +3,10 @@
 The shape (for the memory estimate) and the linear-module names (for target validation) come from the
 config on the meta device, so `--dry-run` and bad-input errors never load weights. The embedded default is a
 tiny Llama built from qdoctor/assets/tiny-llama.json with a fixed seed, materialised once in the cache.
+
+No Python code that comes with a model runs unless the user passed --trust-remote-code: every transformers
+loader gets trust_remote_code explicitly (with None, transformers asks on a terminal and a "y" runs it), and a
+model that cannot load without its own code is refused with one line naming the flag.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ EMBEDDED_SEED = 0
 
 class ModelError(ValueError):
     """Bad --model or --target-modules; one line for the user."""
+
+
+TRUST_FLAG = "--trust-remote-code"
 
 
 def assets_dir() -> Path:
@@ -51,24 +58,69 @@ class ModelSource:
     name: str  # what the user gave, or EMBEDDED_NAME
     path: str | None  # a local directory (None: hub id)
     embedded: bool
+    trust_remote_code: bool = False  # run the model's own Python code (only with --trust-remote-code)
 
 
-def resolve(model: str | None) -> ModelSource:
+def custom_code_reason(config: dict) -> str | None:
+    """Why this config.json cannot load without running its own code (transformers' rule), else None.
+
+    transformers runs a config's code when its auto_map names an AutoConfig class and its model_type is
+    not one transformers implements; a known model_type with an auto_map loads transformers' own classes.
+    """
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict) or "AutoConfig" not in auto_map:
+        return None
+    import transformers
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in transformers.CONFIG_MAPPING:
+        return None
+    kind = f"model_type {model_type!r}" if model_type else "no model_type"
+    return (
+        f"config.json maps AutoConfig to {str(auto_map['AutoConfig'])[:80]!r} and transformers "
+        f"{transformers.__version__} has {kind}"
+    )
+
+
+def refuse_custom_code(name: str, reason: str) -> ModelError:
+    return ModelError(
+        f"model {name} needs its own Python code to load ({reason}); qdoctor runs no code from a model "
+        f"unless you pass {TRUST_FLAG} (read that code first)"
+    )
+
+
+def resolve(model: str | None, trust_remote_code: bool = False) -> ModelSource:
     if model is None:
         return ModelSource(EMBEDDED_NAME, None, True)
     p = Path(model).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
             raise ModelError(f"model path {model} is not a Hugging Face model directory (no config.json)")
-        return ModelSource(model, str(p), False)
+        try:
+            config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ModelError(f"model {model}: config.json is unreadable ({type(e).__name__})") from None
+        reason = custom_code_reason(config) if isinstance(config, dict) else None
+        if reason and not trust_remote_code:
+            raise refuse_custom_code(model, reason)
+        return ModelSource(model, str(p), False, bool(trust_remote_code))
     if _looks_like_hub_id(model):
         if _offline():
             raise ModelError(
                 f"model {model} is not a local directory and HF_HUB_OFFLINE=1 forbids downloading "
                 f"it; pass a local directory or unset HF_HUB_OFFLINE"
             )
-        return ModelSource(model, None, False)
+        return ModelSource(model, None, False, bool(trust_remote_code))
     raise ModelError(f"model path {model} does not exist")
+
+
+def _load_error(src: ModelSource, what: str, e: Exception) -> ModelError:
+    """One line; transformers' advice to pass trust_remote_code becomes the flag a user can pass."""
+    text = str(e).strip()
+    if "trust_remote_code" in text and not src.trust_remote_code:
+        return refuse_custom_code(src.name, f"transformers says its {what} contains custom code")
+    msg = text.splitlines()[0] if text else type(e).__name__
+    return ModelError(f"cannot load the {what} of model {src.name}: {msg[:200]}")
 
 
 def embedded_config() -> dict:
@@ -81,21 +133,23 @@ def load_config(src: ModelSource):
     if src.embedded:
         return LlamaConfig(**embedded_config())
     try:
-        return AutoConfig.from_pretrained(src.path or src.name)
-    except Exception as e:  # network, auth, missing repo, malformed config
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load the config of model {src.name}: {msg[:200]}") from None
+        return AutoConfig.from_pretrained(src.path or src.name, trust_remote_code=src.trust_remote_code)
+    except Exception as e:  # network, auth, missing repo, malformed config, custom code
+        raise _load_error(src, "config", e) from None
 
 
-def meta_model(config):
+def meta_model(config, trust_remote_code: bool = False):
     """The model skeleton on the meta device: names and shapes, no memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         try:
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         except ValueError as e:
+            if "trust_remote_code" in str(e) and not trust_remote_code:
+                name = getattr(config, "_name_or_path", "") or "this model"
+                raise refuse_custom_code(name, "its causal-LM class is custom code") from None
             raise ModelError(f"not a causal language model: {str(e).splitlines()[0][:200]}") from None
 
 
@@ -162,11 +216,9 @@ def load_tokenizer(src: ModelSource):
         tok = PreTrainedTokenizerFast.from_pretrained(str(assets_dir()))
     else:
         try:
-            tok = AutoTokenizer.from_pretrained(src.path or src.name)
+            tok = AutoTokenizer.from_pretrained(src.path or src.name, trust_remote_code=src.trust_remote_code)
         except Exception as e:
-            raise ModelError(
-                f"cannot load the tokenizer of model {src.name}: {str(e).splitlines()[0][:200]}"
-            ) from None
+            raise _load_error(src, "tokenizer", e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -205,6 +257,7 @@ def load_for_training(src: ModelSource, plan, seed: int):
         dtype=dtype,
         device_map={"": plan.v("device")},
         attn_implementation=plan.v("attention"),
+        trust_remote_code=src.trust_remote_code,
     )
     model.config.use_cache = False
     if str(plan.v("device")) == "cpu":

@@ -32,6 +32,7 @@ class Choice:
 @dataclass
 class Plan:
     model: Choice
+    trust_remote_code: Choice
     device: Choice
     dtype: Choice
     quantization: Choice
@@ -507,6 +508,12 @@ def make_plan(
     return Plan(
         model=Choice(
             model_name, "embedded tiny Llama (random init, fixed seed)" if embedded else "set by you"
+        ),
+        trust_remote_code=Choice(
+            cfg.trust_remote_code,
+            "set by you (--trust-remote-code): Python code shipped with the model may run"
+            if cfg.trust_remote_code
+            else "no code shipped with a model runs (a model that needs it is refused)",
         ),
         device=device,
         dtype=dtype,
