@@ -12,6 +12,10 @@ os.replace; a crash while saving leaves the previous checkpoint intact):
                       the optimizer's param groups and per-parameter scalars, the scheduler and loss-scaler
                       states, Python's and numpy's RNG states, and the sha256 of each tensor file.
 
+A run of several processes writes one checkpoint (rank 0): the adapter and the optimizer state are the same
+on every rank (DDP) or gathered whole (FSDP), and each rank's RNG states are kept under rng.ranks, so each
+rank resumes its own dropout stream.
+
 Neither safetensors nor JSON can carry code, so a run directory copied from anyone can be resumed without
 trusting it. Checkpoints of qdoctor before this format were pickles (state.pt); they are refused, never
 loaded. Inside state.json the non-JSON values of a state dict are tagged: {"$tensor": key into
@@ -160,8 +164,11 @@ def _dump(doc: dict) -> str:
     return "{\n" + ",\n".join(items) + "\n}\n"
 
 
-def write_state(directory: Path, optimizer, scheduler, scaler, state: dict, identity=None) -> None:
-    """state.json + state.safetensors into `directory` (the adapter must already be there: it is hashed)."""
+def write_state(directory: Path, optimizer, scheduler, scaler, state: dict, identity=None, *,
+                rng_ranks: list | None = None, optimizer_state: dict | None = None) -> None:
+    """state.json + state.safetensors into `directory` (the adapter must already be there: it is hashed).
+    rng_ranks: the RNG states of ranks 1.. of a run of several processes; optimizer_state: the optimizer's
+    state dict when it is not optimizer.state_dict() (FSDP's gathered one)."""
     from safetensors.torch import save_file
 
     clash = [k for k in state if k in RESERVED]
@@ -169,14 +176,18 @@ def write_state(directory: Path, optimizer, scheduler, scaler, state: dict, iden
         raise TypeError(f"checkpoint: loop state uses reserved keys {clash}")
     directory = Path(directory)
     tensors: dict = {}
+    rng = rng_state()
+    if rng_ranks:
+        rng["ranks"] = list(rng_ranks)
     doc = {
         "format": FORMAT,
         **pack(state, tensors, "loop"),
         "run": pack(identity, tensors, "run"),
-        "optimizer": pack(optimizer.state_dict(), tensors, "optimizer"),
+        "optimizer": pack(optimizer.state_dict() if optimizer_state is None else optimizer_state, tensors,
+                          "optimizer"),
         "scheduler": pack(scheduler.state_dict(), tensors, "scheduler"),
         "scaler": pack(scaler.state_dict(), tensors, "scaler"),
-        "rng": pack(rng_state(), tensors, "rng"),
+        "rng": pack(rng, tensors, "rng"),
     }
     save_file(tensors, str(directory / STATE_TENSORS), metadata={"format": FORMAT})
     doc["files"] = {
@@ -187,12 +198,18 @@ def write_state(directory: Path, optimizer, scheduler, scaler, state: dict, iden
     (directory / STATE_JSON).write_text(_dump(doc))
 
 
-def save(output: Path, model, optimizer, scheduler, scaler, state: dict) -> Path:
+def save(output: Path, model, optimizer, scheduler, scaler, state: dict, *, rng_ranks: list | None = None,
+         adapter_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """adapter_state / optimizer_state: what FSDP gathered on rank 0 (the live model holds only a shard)."""
     output = Path(output)
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=output))
     try:
-        model.save_pretrained(tmp / ADAPTER)
-        write_state(tmp, optimizer, scheduler, scaler, state, run_identity(output))
+        if adapter_state is None:
+            model.save_pretrained(tmp / ADAPTER)
+        else:
+            model.save_pretrained(tmp / ADAPTER, state_dict=adapter_state)
+        write_state(tmp, optimizer, scheduler, scaler, state, run_identity(output), rng_ranks=rng_ranks,
+                    optimizer_state=optimizer_state)
         replace_dir(tmp, output / "checkpoint")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -269,9 +286,8 @@ def verify(output: Path) -> dict:
     return doc
 
 
-def load(output: Path, model, optimizer, scheduler, scaler) -> dict:
-    """Restore everything into the live objects; returns the saved loop state (step, micro-batch, ...)."""
-    from peft import set_peft_model_state_dict
+def _read(output: Path) -> tuple[Path, dict, dict, dict]:
+    """(checkpoint dir, verified state.json, adapter weights, state tensors)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -284,24 +300,60 @@ def load(output: Path, model, optimizer, scheduler, scaler) -> dict:
         raise CheckpointError(
             f"checkpoint in {ck}: a tensor file is unreadable ({str(e)[:120]}); start a fresh --output"
         ) from None
+    return ck, doc, weights, tensors
+
+
+def _unfit(ck: Path, e: Exception) -> CheckpointError:
+    msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return CheckpointError(f"checkpoint in {ck} does not fit this run ({msg}); start a fresh --output")
+
+
+LOAD_ERRORS = (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError, AttributeError)
+
+
+def load_adapter(output: Path, model) -> None:
+    """The LoRA weights into the (unwrapped) peft model: under FSDP before it is sharded."""
+    from peft import set_peft_model_state_dict
+
+    ck, _, weights, _ = _read(output)
+    try:
+        result = set_peft_model_state_dict(model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter tensors {result.unexpected_keys[:3]} are not in this model")
+    except LOAD_ERRORS as e:
+        raise _unfit(ck, e) from None
+
+
+def load_state(output: Path, optimizer, scheduler, scaler, *, rank: int = 0, load_optimizer=None) -> dict:
+    """Optimizer, scheduler, loss scaler and this rank's RNG states; returns the saved loop state. A rank the
+    checkpoint has no RNG state for (the run now has more processes) keeps its own.
+    load_optimizer(optimizer, state): how a saved whole state reaches a sharded optimizer (FSDP)."""
+    ck, doc, _, tensors = _read(output)
     try:
         st = unpack(doc, tensors)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint in {ck}: {e}; start a fresh --output") from None
     try:
-        result = set_peft_model_state_dict(model, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"adapter tensors {result.unexpected_keys[:3]} are not in this model")
-        optimizer.load_state_dict(st["optimizer"])
+        if load_optimizer is None:
+            optimizer.load_state_dict(st["optimizer"])
+        else:
+            load_optimizer(optimizer, st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
-        set_rng_state(st["rng"])
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError, AttributeError) as e:
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint in {ck} does not fit this run ({msg}); start a fresh --output"
-        ) from None
+        ranks = st["rng"].get("ranks") or []
+        if rank == 0:
+            set_rng_state(st["rng"])
+        elif rank <= len(ranks):
+            set_rng_state(ranks[rank - 1])
+    except LOAD_ERRORS as e:
+        raise _unfit(ck, e) from None
     return {k: v for k, v in st.items() if k not in RESERVED}
+
+
+def load(output: Path, model, optimizer, scheduler, scaler, *, rank: int = 0) -> dict:
+    """Restore everything into the live objects; returns the saved loop state (step, micro-batch, ...)."""
+    load_adapter(output, model)
+    return load_state(output, optimizer, scheduler, scaler, rank=rank)
 
 
 def clean_temp(output: Path) -> None:

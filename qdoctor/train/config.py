@@ -53,6 +53,8 @@ class TrainConfig:
     fused_loss: str = "auto"  # auto | liger | none: fused linear + cross-entropy (never materialises logits)
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
     log_every: int | None = None  # progress line every N steps off a terminal; None = about ten a run
+    nproc: int | None = None  # processes (one per GPU) launched through torchrun; None = 1, or the launcher's
+    fsdp: bool | None = None  # shard the 4-bit model over the processes (FSDP-QLoRA); None = the plan decides
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +83,7 @@ POSITIVE = (
     "eval_every",
     "save_every",
     "log_every",
+    "nproc",
 )
 NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm")
 
@@ -136,40 +139,57 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"config key 'device': {cfg.device!r} is not cpu, cuda or cuda:N")
     if isinstance(cfg.target_modules, list) and not cfg.target_modules:
         raise ConfigError("config key 'target_modules': must not be empty")
-    batch_split(cfg)
+    if cfg.fsdp and cfg.nproc == 1:
+        raise ConfigError("fsdp shards the model over several processes: add --nproc 2 (or more), or launch "
+                          "with torchrun / accelerate launch")
+    batch_split(cfg, cfg.nproc or 1)
     return cfg
 
 
-def batch_split(cfg: TrainConfig) -> tuple[int, int | None, int | None]:
+def batch_split(cfg: TrainConfig, world: int = 1) -> tuple[int, int | None, int | None]:
     """(effective batch, micro-batch, accumulation) as far as the config fixes them; a split that would skip
-    examples or leave a step empty is refused. Every optimizer step then sees exactly `batch` sequences."""
+    examples or leave a step empty is refused. Every optimizer step then sees exactly `batch` sequences.
+
+    With `world` processes the micro-batch and the accumulation are per process: each process takes
+    `batch / world` of every step's sequences, so batch = world x micro-batch x accumulation."""
     mb, acc = cfg.micro_batch, cfg.grad_accum
+    procs = f" x {world} processes" if world > 1 else ""
     if cfg.batch_size:
         batch, src = cfg.batch_size, f"batch_size {cfg.batch_size}"
     elif mb and acc:
-        batch, src = mb * acc, None
+        batch, src = world * mb * acc, None
     else:
         batch, src = DEFAULT_BATCH, f"batch_size {DEFAULT_BATCH} (the default)"
-    if mb and acc and mb * acc != batch:
+    if batch % world:
+        near = [b for b in (batch - batch % world, batch - batch % world + world) if b > 0]
         raise ConfigError(
-            f"micro_batch {mb} x grad_accum {acc} = {mb * acc} sequences, but {src}: set two of the three"
+            f"{src or f'batch_size {batch}'} does not split evenly over {world} processes (each takes the "
+            f"same share of every step): use --batch-size {' or '.join(map(str, near))}"
         )
-    if mb and mb > batch:
+    per = batch // world
+    if mb and acc and mb * acc != per:
         raise ConfigError(
-            f"micro_batch {mb} is larger than {src}: a step would hold no full micro-batch; set "
-            f"--batch-size {mb} (or a multiple) or a micro-batch that divides {batch}"
+            f"micro_batch {mb} x grad_accum {acc}{procs} = {world * mb * acc} sequences, but {src}: set two "
+            "of the three"
         )
-    if mb and batch % mb:
+    if mb and mb > per:
+        what = f"the {per} sequences each of {world} processes takes from {src}" if world > 1 else src
         raise ConfigError(
-            f"micro_batch {mb} does not divide {src}: {batch % mb} sequences of every step would be skipped; "
-            f"use a micro-batch among {', '.join(str(d) for d in range(1, batch + 1) if batch % d == 0)}"
+            f"micro_batch {mb} is larger than {what}: a step would hold no full micro-batch; set "
+            f"--batch-size {mb * world} (or a multiple) or a micro-batch that divides {per}"
         )
-    if acc and batch % acc:
-        raise ConfigError(f"grad_accum {acc} does not divide {src}: micro-batches would be uneven")
+    if mb and per % mb:
+        what = f"the {per} sequences per process of {src}" if world > 1 else src
+        raise ConfigError(
+            f"micro_batch {mb} does not divide {what}: {per % mb} sequences of every step would be skipped; "
+            f"use a micro-batch among {', '.join(str(d) for d in range(1, per + 1) if per % d == 0)}"
+        )
+    if acc and per % acc:
+        raise ConfigError(f"grad_accum {acc} does not divide {src}{procs}: micro-batches would be uneven")
     if acc and not mb:
-        mb = batch // acc
+        mb = per // acc
     if mb and not acc:
-        acc = batch // mb
+        acc = per // mb
     return batch, mb, acc
 
 

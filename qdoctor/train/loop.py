@@ -3,7 +3,9 @@
 setup (cli) -> fit() loops -> evaluate() measures. One optimizer step = `batch` examples split into
 `grad_accum` micro-batches of `micro_batch`; the loss is normalised by the step's label-token count, so
 splitting a step differently (the out-of-memory back-off, a new --micro-batch on resume) gives the same
-gradient.
+gradient. With several processes (qdoctor.train.distributed) each takes a disjoint slice of every step's
+examples and the label tokens are counted over all of them, so N processes compute the gradient one process
+computes for the same batch; only rank 0 writes (metrics, checkpoints), the others wait at a barrier.
 
 Nothing non-finite reaches the weights or a checkpoint: a step whose gradient norm is NaN or inf is skipped
 (counted, and marked in metrics.jsonl); a few in a row stop the run (QD804); a NaN loss stops it (QD802); and
@@ -24,7 +26,9 @@ from pathlib import Path
 from qdoctor import strict_json
 from qdoctor.findings import Finding
 from qdoctor.train import checkpoint
+from qdoctor.train import distributed as dist_
 from qdoctor.train.data import IGNORE, collate, step_indices
+from qdoctor.train.distributed import World
 from qdoctor.train.plan import Plan
 
 
@@ -159,38 +163,63 @@ class Run:
     skipped: int = 0  # steps skipped for a non-finite gradient norm
     skipped_in_row: int = 0
     log_every: int | None = None  # progress line every N steps off a terminal
+    world: World = dist_.SINGLE  # this process's place among the run's processes
+
+    @property
+    def core(self):
+        """The peft model (inside the DDP or FSDP wrapper when there is one): what is saved and evaluated."""
+        return dist_.unwrap(self.model)
+
+    @property
+    def sharded(self) -> bool:
+        parallel = getattr(self.plan, "parallel", None)
+        return parallel is not None and parallel.value.strategy == "fsdp"
 
 
-def forward_loss(run: Run, batch: dict, n_label_tokens: int):
+def forward_loss(run: Run, batch: dict, n_label_tokens: int, model=None):
     import torch
 
     batch = {k: v.to(run.device) for k, v in batch.items()}
     with torch.autocast(
         run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.dtype.value != "fp32"
     ):
-        out = run.model(**batch)
+        out = (model or run.model)(**batch)
     n = int((batch["labels"][:, 1:] != IGNORE).sum())
     return out.loss.float() * (n / n_label_tokens)
 
 
+def _label_tokens(examples) -> int:
+    return sum(sum(1 for x in b[1:] if x != IGNORE) for _, b, *_ in examples)
+
+
 def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float, float]:
-    """(loss, gradient norm). A non-finite norm means the update was skipped: nothing was applied."""
+    """(loss, gradient norm) of one step; `examples` are this process's share of it. A non-finite norm means
+    the update was skipped: nothing was applied. With several processes the gradients are all-reduced once,
+    after the last micro-batch; DDP averages them over the ranks, hence the loss x world size, which makes the
+    average the sum: the gradient of (the step's summed token losses / its label tokens on all ranks)."""
     import torch
 
     if micro * accum != len(examples):  # config validation guarantees it: never train a partial step
         raise AssertionError(f"micro-batch {micro} x {accum} != {len(examples)} examples in the step")
+    world = run.world
     run.optimizer.zero_grad(set_to_none=True)
-    n_label = sum(sum(1 for x in b[1:] if x != IGNORE) for _, b, *_ in examples)
+    n_label = dist_.sum_(world, _label_tokens(examples))
+    scale = world.size  # DDP's all-reduce and FSDP's reduce-scatter both divide by the world size
     total = 0.0
     for i in range(accum):
-        loss = forward_loss(run, collate(examples[i * micro : (i + 1) * micro], run.pad_id), n_label)
-        total += loss.item()
-        if not math.isfinite(total):
-            return total, 0
-        run.scaler.scale(loss).backward()
+        with dist_.no_sync(run.model, last=i == accum - 1):
+            loss = forward_loss(run, collate(examples[i * micro : (i + 1) * micro], run.pad_id), n_label)
+            total += loss.item()
+            if not math.isfinite(total) and not world.several:
+                return total, 0  # (with several processes every rank must reach the all-reduce)
+            run.scaler.scale(loss * scale if scale > 1 else loss).backward()
+    total = dist_.sum_(world, total)
     run.scaler.unscale_(run.optimizer)
     params = [p for p in run.model.parameters() if p.requires_grad]
-    gn = float(torch.nn.utils.clip_grad_norm_(params, run.plan.max_grad_norm.value))
+    if hasattr(run.model, "clip_grad_norm_"):  # FSDP: each rank holds a shard; the norm is a collective
+        gn = float(run.model.clip_grad_norm_(run.plan.max_grad_norm.value))
+    else:
+        gn = float(torch.nn.utils.clip_grad_norm_(params, run.plan.max_grad_norm.value))
     if math.isfinite(gn):
         run.scaler.step(run.optimizer)
     else:
@@ -203,55 +232,75 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
 
 
 def evaluate(run: Run) -> float | None:
+    """The held-out loss (per label token). With DDP each process evaluates a share and the sums are added;
+    under FSDP every process runs every batch (each forward gathers the shards, a collective)."""
     import torch
 
     if not run.eval:
         return None
-    run.model.eval()
-    n_label = sum(sum(1 for x in b[1:] if x != IGNORE) for _, b, *_ in run.eval)
+    world = run.world
+    n_label = _label_tokens(run.eval)
+    mine = run.eval if run.sharded else dist_.eval_shard(run.eval, world)
+    model = run.model if run.sharded else run.core
+    model.eval()
     total = 0.0
     with torch.no_grad():
-        for i in range(0, len(run.eval), run.micro):
-            total += forward_loss(run, collate(run.eval[i : i + run.micro], run.pad_id), n_label).item()
+        for i in range(0, len(mine), run.micro):
+            batch = collate(mine[i : i + run.micro], run.pad_id)
+            total += forward_loss(run, batch, n_label, model=model).item()
+    model.train()
     run.model.train()
-    return total
+    return total if run.sharded else dist_.sum_(world, total)
 
 
 def nonfinite_params(run: Run) -> list[str]:
     """Names of trainable tensors holding NaN or inf (LoRA tensors: small, checked before every save)."""
     import torch
 
-    return [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    return [n for n, p in run.core.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
 
 
 def save_checkpoint(run: Run) -> None:
+    """Every rank takes part (the RNG states, and under FSDP the gathered adapter and optimizer state);
+    rank 0 writes; the others wait until the checkpoint is complete."""
     bad = nonfinite_params(run)
-    if bad:
+    if dist_.max_(run.world, int(bool(bad))):  # under FSDP each rank sees only its shard
         raise StopRun(
             diagnose_nonfinite_grad(
                 run.step, run.skipped_in_row, run.plan.dtype.value, run.scheduler.get_last_lr()[0],
-                what=f"weights ({bad[0]}{' and more' if len(bad) > 1 else ''})",
+                what=f"weights ({bad[0]}{' and more' if len(bad) > 1 else ''})" if bad else "weights",
             )
         )
-    checkpoint.save(
-        run.output,
-        run.model,
-        run.optimizer,
-        run.scheduler,
-        run.scaler,
-        {
-            "step": run.step,
-            "micro_batch": run.micro,
-            "tokens": run.tokens,
-            "elapsed_s": run.elapsed,
-            "examples_seen": run.step * run.plan.batch_size.value,
-            "skipped_steps": run.skipped,
-        },
-    )
+    extra = {}
+    if run.world.several:
+        extra["rng_ranks"] = dist_.gather_objects(run.world, checkpoint.rng_state())[1:]
+    if run.sharded:
+        extra["adapter_state"], extra["optimizer_state"] = dist_.full_state(run.model, run.optimizer)
+    if run.world.main:
+        checkpoint.save(
+            run.output,
+            run.core,
+            run.optimizer,
+            run.scheduler,
+            run.scaler,
+            {
+                "step": run.step,
+                "micro_batch": run.micro,
+                "tokens": run.tokens,
+                "elapsed_s": run.elapsed,
+                "examples_seen": run.step * run.plan.batch_size.value,
+                "skipped_steps": run.skipped,
+                "world_size": run.world.size,
+            },
+            **extra,
+        )
+    dist_.barrier(run.world)
 
 
 def _metric(run: Run, rec: dict) -> None:
     run.history.append(rec)
+    if not run.world.main:
+        return
     with open(run.output / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(strict_json.dumps(rec) + "\n")
 
@@ -262,21 +311,27 @@ def fit(run: Run, progress) -> None:
     max_skips = MAX_SKIPS_IN_ROW_SCALED if run.plan.loss_scaling.value else MAX_SKIPS_IN_ROW
     last_finite = None
     prev = _catch_stop_signals(run)
+    per_rank = batch // run.world.size
     try:
         run.model.train()
         while run.step < steps:
+            _agree_on_stop(run)
             if run.stop_requested:
                 save_checkpoint(run)
                 raise Interrupted(run.step, run.stop_requested)
             t0 = time.perf_counter()
             examples = [run.train[i] for i in step_indices(len(run.train), batch, run.step, run.seed)]
-            (loss, gnorm), run.micro = with_oom_backoff(
-                lambda m, a, ex=examples: train_step(run, ex, m, a),
-                batch,
-                run.micro,
-                run.log,
-                after_oom=_free,
-            )
+            mine = dist_.shard(examples, run.world)
+            if run.world.several:
+                (loss, gnorm) = _step_or_stop(run, mine, per_rank)
+            else:
+                (loss, gnorm), run.micro = with_oom_backoff(
+                    lambda m, a, ex=mine: train_step(run, ex, m, a),
+                    per_rank,
+                    run.micro,
+                    run.log,
+                    after_oom=_free,
+                )
             if not math.isfinite(loss):
                 raise StopRun(
                     diagnose_nonfinite(
@@ -326,6 +381,38 @@ def fit(run: Run, progress) -> None:
             signal.signal(signum, handler)
 
 
+def _agree_on_stop(run: Run) -> None:
+    """All ranks stop at the same step boundary: a signal one rank caught (torchrun forwards it to each, not
+    necessarily at the same moment) becomes every rank's, as the largest signal number any rank saw."""
+    if not run.world.several:
+        return
+    mine = signal.Signals[run.stop_requested].value if run.stop_requested else 0
+    agreed = dist_.max_(run.world, mine)
+    if agreed and not run.stop_requested:
+        run.stop_requested = signal.Signals(agreed).name
+
+
+def _step_or_stop(run: Run, examples: list, per_rank: int) -> tuple[float, float]:
+    """A step with several processes: the micro-batch cannot shrink for one rank alone (the others would
+    wait in the all-reduce), so out of memory stops the run with what to lower."""
+    try:
+        return train_step(run, examples, run.micro, per_rank // run.micro)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        raise StopRun(
+            Finding(
+                "QD803",
+                "error",
+                f"out of memory in one of {run.world.size} processes at micro-batch {run.micro}",
+                [str(e).splitlines()[0][:200], f"rank {run.world.rank}"],
+                f"lower --micro-batch (now {run.micro}), turn on gradient checkpointing, lower --seq-len, or "
+                "shard the model with --fsdp",
+                "plan",
+            )
+        ) from None
+
+
 def _catch_stop_signals(run: Run) -> dict:
     """SIGINT and SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and stops."""
     if not _main_thread():
@@ -352,8 +439,8 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def truncate_metrics(output: Path, step: int) -> list:
-    """On resume: drop metric lines written after the checkpoint (they will be produced again)."""
+def read_metrics(output: Path, step: int) -> list:
+    """The metric lines up to `step` (those of the checkpoint being resumed)."""
     import json
 
     path = Path(output) / "metrics.jsonl"
@@ -366,9 +453,15 @@ def truncate_metrics(output: Path, step: int) -> list:
                 continue
             if isinstance(rec, dict) and rec.get("step", 0) <= step:
                 keep.append(strict_json.finite(rec))  # lines written before strict JSON may hold a bare NaN
+    return keep
+
+
+def truncate_metrics(output: Path, step: int) -> list:
+    """On resume: drop metric lines written after the checkpoint (they will be produced again)."""
     from qdoctor.atomic import write_text
 
-    write_text(path, "".join(strict_json.dumps(r) + "\n" for r in keep))
+    keep = read_metrics(output, step)
+    write_text(Path(output) / "metrics.jsonl", "".join(strict_json.dumps(r) + "\n" for r in keep))
     return keep
 
 

@@ -126,8 +126,13 @@ def estimate(
     path: str | None = None,
     fused_loss: bool = False,
     packed: bool = False,
+    shards: int = 1,
 ) -> Estimate:
     """path: "upcast" | "eager" | "fused" (None: path_of(quantization, dtype, fused_loss)).
+    shards: FSDP over that many GPUs: each keeps 1/shards of the weights, the LoRA tensors and their optimizer
+    states, plus what is gathered whole while it runs: two decoder layers (the running one and the prefetched
+    next) or the embeddings and head, whichever is larger. This sharded term is FSDP's layout, not a
+    measurement (no multi-GPU peak has been calibrated).
     packed: rows hold several documents, so attention gets a dense document mask, which SDPA expands to
     micro_batch x heads x seq x seq in the compute dtype (2.0 GiB at 2x4096 with 32 heads; measured on
     the H200: +2.6 GiB on 1.1B, +2.0 GiB on 6.7B over the same tokens unpacked)."""
@@ -140,7 +145,12 @@ def estimate(
         w_lin = lin * DTYPE_BYTES[dtype]
         other_bytes = DTYPE_BYTES[dtype]
     w_other = (2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden) * other_bytes
-    n_lora = shape.lora_params(lora_r)
+    weights = w_lin + w_other
+    if shards > 1:
+        gathered = max(2 * (w_lin / shape.layers + 2 * shape.hidden * other_bytes),
+                       2 * shape.vocab * shape.hidden * other_bytes)
+        weights = weights / shards + gathered
+    n_lora = shape.lora_params(lora_r) / shards
     tokens = micro_batch * seq_len
     per_layer = ACT_BYTES[path] * (shape.hidden + shape.intermediate) * tokens
     if checkpointing:
@@ -151,7 +161,7 @@ def estimate(
         act += micro_batch * shape.heads * seq_len**2 * DTYPE_BYTES.get(dtype, 2)
     logits = 0 if fused_loss else LOGIT_BYTES * shape.vocab * tokens
     parts = dict(
-        weights_gib=(w_lin + w_other) / GIB,
+        weights_gib=weights / GIB,
         lora_gib=8 * n_lora / GIB,
         optimizer_gib=OPTIM_STATE_BYTES[optimizer] * n_lora / GIB,
         activations_gib=act / GIB,

@@ -337,8 +337,14 @@ def load_tokenizer(src: ModelSource):
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def load_for_training(src: ModelSource, plan, seed: int):
-    """Base in the plan's quantization and dtype on the plan's device, LoRA on top. Returns the peft model."""
+def load_for_training(src: ModelSource, plan, seed: int, device: str | None = None):
+    """Base in the plan's quantization and dtype on `device` (this process's: the plan's device, or with
+    several processes its own GPU, never device_map "auto"), LoRA on top. Returns the peft model.
+
+    FSDP-QLoRA: the 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage), which is what
+    FSDP flattens and shards. On GPUs only rank 0 reads the weights (into CPU memory); the other ranks build
+    the model without them and receive rank 0's when FSDP wraps it (sync_module_states): transformers'
+    CPU-RAM-efficient loading, switched on by the variables accelerate sets for it."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -350,6 +356,8 @@ def load_for_training(src: ModelSource, plan, seed: int):
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     dtype = getattr(torch, TORCH_DTYPES[plan.dtype.value])
     quant = plan.quantization.value
+    device = device or plan.device.value
+    fsdp = plan.parallel is not None and plan.parallel.value.strategy == "fsdp"
     qcfg = None
     if quant == "nf4":
         qcfg = BitsAndBytesConfig(
@@ -357,16 +365,22 @@ def load_for_training(src: ModelSource, plan, seed: int):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            **({"bnb_4bit_quant_storage": dtype} if fsdp else {}),
         )
     elif quant == "int8":
         qcfg = BitsAndBytesConfig(load_in_8bit=True)
     path = embedded_base_dir() if src.embedded else (src.path or src.name)
+    device_map = {"": device}
+    if fsdp and device.startswith("cuda"):  # untested here (no machine with two GPUs): marked GPU tests
+        os.environ.setdefault("ACCELERATE_USE_FSDP", "true")
+        os.environ.setdefault("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+        device_map = None
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=qcfg,
             dtype=dtype,
-            device_map={"": plan.device.value},
+            device_map=device_map,
             attn_implementation=plan.attention.value,
             output_loading_info=True,
             trust_remote_code=src.trust_remote_code,
@@ -387,7 +401,7 @@ def load_for_training(src: ModelSource, plan, seed: int):
             f"{sorted(missing)[0]}): they would start from random values"
         )
     model.config.use_cache = False
-    if str(plan.device.value) == "cpu":
+    if device == "cpu":
         keep_cpu_4bit_layout(model)
     if qcfg is not None and plan.dtype.value == "fp16":
         # fp16 only: norms and embeddings in fp32 keep loss scaling stable. With bf16 or fp32 compute the

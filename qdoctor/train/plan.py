@@ -1,9 +1,11 @@
 """Decide every training setting before the first step, each with its reason.
 
-`make_plan` is a pure function of (config, facts, probe results, model shape, dataset size): tests feed it
-recorded machines. It calls one `choose_*` per decision, in dependency order (device -> dtype and
-quantization -> the memory fit, which picks optimizer, micro-batch and checkpointing together -> the
-schedule). The loop then executes the plan and never looks at the hardware itself.
+`make_plan` is a pure function of (config, facts, probe results, model shape, dataset size, processes):
+tests feed it recorded machines. It calls one `choose_*` per decision, in dependency order (device -> dtype
+and quantization -> the memory fit, which picks optimizer, micro-batch and checkpointing together, and with
+several processes whether each GPU holds the whole 4-bit model (DDP) or a shard of it (FSDP) -> the
+schedule). The loop then executes the plan and never looks at the hardware itself. With several processes
+every rank computes the same plan from the same facts (the launcher's pre-flight), so they cannot disagree.
 """
 
 from __future__ import annotations
@@ -37,6 +39,19 @@ class Lora:
     alpha: int
     dropout: float
     targets: list[str] | str
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How the processes share the work: `world` processes, each taking `per_rank_batch` sequences of every
+    step (batch = world x micro-batch x accumulation), with the whole model on each (ddp) or a shard of it
+    (fsdp)."""
+
+    world: int
+    strategy: str  # single | ddp | fsdp
+    backend: str | None  # gloo | nccl (gradients); None with one process
+    per_rank_batch: int
+    devices: str  # "cpu", "cuda:0", or "cuda:0..cuda:3" (rank r on cuda:r)
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class Plan:
     weight_decay: Choice[float]
     fused_loss: Choice[str]  # liger | none
     compile: Choice[bool]
+    parallel: Choice[Parallel] = None  # type: ignore[assignment]  (make_plan always sets it)
     memory: MemoryFit | None = None
     findings: list[Finding] = field(default_factory=list)
 
@@ -116,6 +132,8 @@ class Plan:
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:g}"
+    if isinstance(v, Parallel):
+        return v.strategy if v.world == 1 else f"{v.strategy} x{v.world} ({v.backend})"
     if isinstance(v, Lora):
         v = asdict(v)
     if isinstance(v, dict):
@@ -183,6 +201,21 @@ def _cc(gpu: dict) -> tuple[int, int] | None:
     return cc_tuple(gpu.get("compute_capability"))
 
 
+def _used(facts: dict, device: str, world: int) -> list[dict]:
+    """The GPUs a run uses: the plan's device, or with several processes cuda:0 .. cuda:world-1 (rank r on
+    cuda:r, counted as qdoctor.devices counts visible GPUs)."""
+    if device == "cpu":
+        return []
+    if world == 1:
+        return [_gpu(facts, device)]
+    return [_gpu(facts, f"cuda:{i}") for i in range(world)]
+
+
+def _weakest(gpus: list[dict]) -> dict:
+    """The GPU with the lowest compute capability (an unknown one counts as lowest)."""
+    return min(gpus, key=lambda g: _cc(g) or (0, 0)) if gpus else {}
+
+
 def choose_trust_remote_code(cfg: TrainConfig) -> Choice[bool]:
     return Choice(
         cfg.trust_remote_code,
@@ -192,9 +225,14 @@ def choose_trust_remote_code(cfg: TrainConfig) -> Choice[bool]:
     )
 
 
-def choose_device(cfg: TrainConfig, facts: dict, probes) -> Choice:
+def choose_device(cfg: TrainConfig, facts: dict, probes, world: int = 1) -> Choice:
     """The user's device, else qdoctor.devices' default (the one pre-flight probed); cuda:N is the N-th
-    visible GPU, named with its NVML index in the reason."""
+    visible GPU, named with its NVML index in the reason. With several processes: rank 0's device (rank r
+    uses cuda:r; `parallel` names them all)."""
+    if world > 1 and cfg.device not in (None, "cpu"):
+        dev = "cuda:0"
+        return Choice(dev, f"set by you (cuda): one GPU per process, rank 0 on "
+                      f"{devices.describe(facts, dev)}")
     if cfg.device:
         dev = "cpu" if cfg.device == "cpu" else f"cuda:{devices.ordinal(cfg.device)}"
         return Choice(dev, "set by you" + ("" if dev == "cpu" else f" ({devices.describe(facts, dev)})"))
@@ -215,23 +253,28 @@ def choose_device(cfg: TrainConfig, facts: dict, probes) -> Choice:
     return Choice("cpu", why)
 
 
-def choose_dtype(cfg, facts, probes, device: str) -> Choice:
+def choose_dtype(cfg, facts, probes, device: str, world: int = 1) -> Choice:
+    """With several GPUs, the one with the lowest compute capability decides: every rank computes alike."""
     if cfg.dtype != "auto":
         return Choice(cfg.dtype, "set by you")
     if device == "cpu":
         return Choice("fp32", "CPU: bf16/fp16 matmuls are emulated or slow on most CPUs; fp32 is exact")
-    gpu = _gpu(facts, device)
+    used = _used(facts, device, world)
+    gpu = _weakest(used)
     cc = _cc(gpu)
+    which = "GPU" if len(used) == 1 else (
+        f"the weakest of the {len(used)} GPUs used, GPU {gpu.get('index', '?')},"
+        if len({_cc(g) for g in used}) > 1 else f"each of the {len(used)} GPUs used")
     bf16 = (facts.get("torch") or {}).get("bf16_supported")
     if probe_status(probes, "precision") in BROKEN:
         return Choice("fp32", "the precision probe failed: fp32 compute (slow but safe)")
     if bf16 or (bf16 is None and cc is not None and cc >= (8, 0)):
         return Choice(
             "bf16",
-            f"GPU is {sm(cc)}: native bf16 (QLoRA recipe; fp16 risks overflow)",
+            f"{which} is {sm(cc)}: native bf16 (QLoRA recipe; fp16 risks overflow)",
         )
     if cc is not None and cc >= (7, 0):
-        return Choice("fp16", f"GPU is {sm(cc)}: no native bf16; fp16 with loss scaling")
+        return Choice("fp16", f"{which} is {sm(cc)}: no native bf16; fp16 with loss scaling")
     return Choice("fp32", "GPU has no fast bf16/fp16 (compute capability < 7.0) or it is unknown")
 
 
@@ -276,8 +319,16 @@ def _only_paged_failed(probes) -> bool:
     return bool(o8.status == "fail" and _paged_failed(probes) and keys and keys <= PAGED_KEYS)
 
 
-def optimizer_chain(cfg, facts, probes, device: str) -> list[Choice[str]]:
+def optimizer_chain(cfg, facts, probes, device: str, fsdp: bool = False) -> list[Choice[str]]:
     """Candidates, best first; the memory fit picks the first that fits."""
+    if fsdp:
+        if cfg.optimizer not in ("auto", "adamw"):
+            from qdoctor.train.config import ConfigError
+
+            raise ConfigError(f"optimizer {cfg.optimizer} with fsdp: its state cannot be gathered through "
+                              "FSDP's optim_state_dict for a checkpoint; use --optimizer adamw")
+        return [Choice("adamw", "torch AdamW: FSDP gathers its state for checkpoints (8-bit and paged states "
+                       "do not gather; sharded, LoRA's states are small)")]
     if cfg.optimizer != "auto":
         return [Choice(cfg.optimizer, "set by you")]
     out = []
@@ -341,12 +392,14 @@ def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice
 
 
 def choose_compile(cfg, facts, device: str, dtype: str, checkpointing: bool, quant: str, shape,
-                   embedded: bool) -> Choice[bool]:
+                   embedded: bool, world: int = 1) -> Choice[bool]:
     if cfg.compile != "auto":
         return Choice(cfg.compile == "on", "set by you")
     pk = facts.get("packages") or {}
     why = None
-    if not device.startswith("cuda"):
+    if world > 1:
+        why = "several processes: compiled layers were measured with one (DDP/FSDP hooks split graphs)"
+    elif not device.startswith("cuda"):
         why = "CPU: torch.compile is not measured there"
     elif "triton" not in pk:
         why = "Triton is not installed (torch.compile's GPU back-end)"
@@ -362,19 +415,25 @@ def choose_compile(cfg, facts, device: str, dtype: str, checkpointing: bool, qua
                   f"SwiGLU and recomputes them in backward; {_speed_measured()}")
 
 
-def _budget_gib(facts, device: str) -> tuple[float, str]:
+def _budget_gib(facts, device: str, world: int = 1) -> tuple[float, str]:
+    """Memory one process may use: half the host RAM on CPU (shared by every process there), or the free
+    memory of its GPU (with several GPUs, the smallest of them)."""
     if device == "cpu":
         mib = (facts.get("platform") or {}).get("memory_total_mib")
         if not mib:
-            return 8.0, "host RAM unknown: assuming 16 GiB, half usable"
-        return mib / 1024 * CPU_SHARE, f"half of {mib / 1024:.0f} GiB host RAM"
-    g = _gpu(facts, device)
+            return 8.0 / world, "host RAM unknown: assuming 16 GiB, half usable" + (
+                f", shared by {world} processes" if world > 1 else "")
+        share = f", shared by {world} processes" if world > 1 else ""
+        return mib / 1024 * CPU_SHARE / world, f"half of {mib / 1024:.0f} GiB host RAM{share}"
+    used = _used(facts, device, world)
+    g = min(used, key=lambda x: x.get("memory_free_mib") or x.get("memory_total_mib") or 0)
     mib = g.get("memory_free_mib") or g.get("memory_total_mib")
     if not mib:
         return 8.0, "GPU memory unknown: assuming 8 GiB usable"
     kind = "free" if g.get("memory_free_mib") else "total"
+    least = f" (the least of the {world} GPUs used)" if world > 1 else ""
     return mib / 1024 * GPU_HEADROOM, (f"{int(GPU_HEADROOM * 100)}% of {mib / 1024:.1f} GiB {kind} on "
-                                       f"GPU {g.get('index', '?')} ({g.get('name') or 'unknown GPU'})")
+                                       f"GPU {g.get('index', '?')} ({g.get('name') or 'unknown GPU'}){least}")
 
 
 def _divisors_desc(n: int) -> list[int]:
@@ -382,10 +441,11 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float,
-              fused: bool = False):
-    """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails."""
+              fused: bool = False, world: int = 1, shards: int = 1):
+    """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails.
+    `batch` is what one process takes of each step (the effective batch / world)."""
     ck_opts = {"auto": (False, True), "on": (True,), "off": (False,)}[cfg.gradient_checkpointing]
-    fixed = batch_split(cfg)[1]
+    fixed = batch_split(cfg, world)[1]
     micros = [fixed] if fixed else _divisors_desc(batch)
     for ck in ck_opts:
         for mb in micros:
@@ -402,6 +462,7 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 lora_r=cfg.lora_r,
                 fused_loss=fused,
                 packed=cfg.packing,
+                shards=shards,
             )
             if est.total_gib <= budget:
                 return mb, ck, est
@@ -411,10 +472,13 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
 # ---- one decision each ----
 
 
-def choose_batch(cfg: TrainConfig) -> Choice[int]:
+def choose_batch(cfg: TrainConfig, world: int = 1) -> Choice[int]:
     given = cfg.batch_size or (cfg.micro_batch and cfg.grad_accum)
-    return Choice(batch_split(cfg)[0], "set by you" if given else f"{DEFAULT_BATCH} sequences per step "
-                  "(QLoRA's OASST1 run)")
+    batch = batch_split(cfg, world)[0]
+    why = "set by you" if given else f"{DEFAULT_BATCH} sequences per step (QLoRA's OASST1 run)"
+    if world > 1:
+        why += f"; split over {world} processes, {batch // world} each"
+    return Choice(batch, why)
 
 
 def choose_seq_len(cfg: TrainConfig, max_positions: int | None) -> Choice[int]:
@@ -435,22 +499,77 @@ class Fit:
 
 
 def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int, tokens: int,
-               fused: bool) -> Fit:
+               fused: bool, world: int = 1, shards: int = 1) -> Fit:
     """The first optimizer (best first) with a micro-batch that fits the budget; the largest such micro-batch,
     without checkpointing where that fits. When nothing fits: the best optimizer at micro-batch 1 (or the
-    one set), with `fits` False."""
-    budget, why = _budget_gib(facts, device)
-    chain = optimizer_chain(cfg, facts, probes, device)
+    one set), with `fits` False. `batch` is one process's share of a step; `shards` > 1 is FSDP."""
+    budget, why = _budget_gib(facts, device, world)
+    chain = optimizer_chain(cfg, facts, probes, device, fsdp=shards > 1)
     for opt in chain:
         fit = fit_batch(shape, cfg, batch=batch, tokens=tokens, quant=quant, dtype=dtype, optimizer=opt.value,
-                        budget=budget, fused=fused)
+                        budget=budget, fused=fused, world=world, shards=shards)
         if fit is not None:
             return Fit(opt, *fit, budget, why, True)
-    mb, ck = batch_split(cfg)[1] or 1, cfg.gradient_checkpointing != "off"
+    mb, ck = batch_split(cfg, world)[1] or 1, cfg.gradient_checkpointing != "off"
     est = memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=ck, quantization=quant,
                           dtype=dtype, optimizer=chain[0].value, lora_r=cfg.lora_r, fused_loss=fused,
-                          packed=cfg.packing)
+                          packed=cfg.packing, shards=shards)
     return Fit(chain[0], mb, ck, est, budget, why, False)
+
+
+FSDP_QUANT = ("nf4", "none")  # bitsandbytes' int8 weights have no storage dtype FSDP can flatten
+
+
+def _accelerate_fsdp(environ) -> bool:
+    """`accelerate launch` with an FSDP config exports ACCELERATE_USE_FSDP=true to every process."""
+    return str((environ or {}).get("ACCELERATE_USE_FSDP", "")).lower() in ("1", "true", "yes")
+
+
+def choose_parallel(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int,
+                    tokens: int, fused: bool, world: int, environ=None) -> tuple[Choice[Parallel], Fit]:
+    """One process; or several, each holding the whole 4-bit model (DDP: the fastest, when it fits), or a
+    shard of it (FSDP-QLoRA: when one GPU cannot hold the model and a micro-batch, or when asked). Returns
+    the choice and the memory fit it was decided on."""
+    per = batch // world
+    gpus = device.startswith("cuda")
+    devs = device if world == 1 or not gpus else f"cuda:0..cuda:{world - 1}"
+    backend = None if world == 1 else ("nccl" if gpus else "gloo")
+
+    def fit(shards):
+        return fit_memory(cfg, facts, probes, shape, device=device, dtype=dtype, quant=quant, batch=per,
+                          tokens=tokens, fused=fused, world=world, shards=shards)
+
+    ddp = fit(1)
+    if world == 1:
+        return Choice(Parallel(1, "single", None, batch, devs), "one process (--nproc, torchrun or "
+                      "accelerate launch run several)"), ddp
+    split = f"each of {world} processes takes {per} of the {batch} sequences of a step"
+    ddp_choice = Choice(Parallel(world, "ddp", backend, per, devs), f"data parallel: {split}; every "
+                        "process holds the whole 4-bit model")
+    if cfg.fsdp is False:
+        return Choice(ddp_choice.value, ddp_choice.reason + " (--no-fsdp)"), ddp
+    asked = "set by you" if cfg.fsdp else ("accelerate launch's FSDP config (ACCELERATE_USE_FSDP)"
+                                            if _accelerate_fsdp(environ) else None)
+    if quant not in FSDP_QUANT:
+        if asked:
+            from qdoctor.train.config import ConfigError
+
+            raise ConfigError(f"fsdp ({asked}) needs 4-bit (nf4) or unquantized weights; quantization is "
+                              f"{quant}: bitsandbytes' 8-bit weights cannot be sharded")
+        return ddp_choice, ddp
+    if not asked and ddp.fits:
+        return Choice(ddp_choice.value, ddp_choice.reason + f" (estimate {ddp.estimate.total_gib:.2f} GiB "
+                      f"fits {ddp.budget_gib:.1f} GiB)"), ddp
+    sharded = fit(world)
+    if not asked and not sharded.fits and sharded.estimate.total_gib >= ddp.estimate.total_gib:
+        return ddp_choice, ddp
+    why = asked or (f"one GPU cannot hold the 4-bit model and a micro-batch ({ddp.estimate.total_gib:.1f} "
+                    f"GiB > {ddp.budget_gib:.1f} GiB usable); sharded over {world} GPUs: "
+                    f"{sharded.estimate.total_gib:.1f} GiB each")
+    store = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    return Choice(Parallel(world, "fsdp", backend, per, devs),
+                  f"FSDP-QLoRA: {why}; {split}; 4-bit weights stored as {store} "
+                  f"(bnb_4bit_quant_storage = the FSDP dtype)"), sharded
 
 
 def memory_finding(fit: Fit, device: str) -> Finding | None:
@@ -468,7 +587,8 @@ def memory_finding(fit: Fit, device: str) -> Finding | None:
     )
 
 
-def choose_micro_batch(cfg: TrainConfig, fit: Fit, batch: int) -> Choice[int]:
+def choose_micro_batch(cfg: TrainConfig, fit: Fit, batch: int, world: int = 1) -> Choice[int]:
+    """`batch`: one process's share of a step; the micro-batch is per process."""
     if cfg.micro_batch:
         why = "set by you"
     elif cfg.grad_accum:
@@ -476,15 +596,17 @@ def choose_micro_batch(cfg: TrainConfig, fit: Fit, batch: int) -> Choice[int]:
     else:
         est = fit.estimate.total_gib
         why = f"largest that fits the estimate ({est:.2f} GiB <= {fit.budget_gib:.1f} GiB: {fit.budget})"
-    return Choice(fit.micro_batch, why)
+    return Choice(fit.micro_batch, why + (" (per process)" if world > 1 else ""))
 
 
-def choose_grad_accum(cfg: TrainConfig, batch: int, micro: int) -> Choice[int]:
+def choose_grad_accum(cfg: TrainConfig, batch: int, micro: int, world: int = 1) -> Choice[int]:
     accum = batch // micro
-    if cfg.grad_accum:
-        return Choice(accum, "set by you")
-    return Choice(accum, f"{batch} / {micro}: {accum} micro-batch{'es' if accum > 1 else ''} of {micro} "
-                  "per step")
+    why = "set by you" if cfg.grad_accum else (
+        f"{batch} / {micro}: {accum} micro-batch{'es' if accum > 1 else ''} of {micro} per step")
+    if world > 1:
+        why += (f" in each process; effective batch {world} processes x {micro} x {accum} = "
+                f"{world * micro * accum}")
+    return Choice(accum, why)
 
 
 def choose_checkpointing(cfg: TrainConfig, fit: Fit) -> Choice[bool]:
@@ -574,21 +696,26 @@ def make_plan(
     max_positions: int | None = None,
     resumed: dict | None = None,
     model_type: str | None = "llama",
+    world: int = 1,
+    environ: dict | None = None,
 ) -> Plan:
     """`resumed`: the run.json record of the run being continued; its max_steps and warmup are kept unless
-    set again, so extending a run with a larger --max-steps leaves its schedule as it was."""
+    set again, so extending a run with a larger --max-steps leaves its schedule as it was. `world`: the
+    processes that will train; `environ`: the launcher's variables (accelerate launch's FSDP config)."""
     probes = Probes(probes)
     resumed = resumed or {}
-    device = choose_device(cfg, facts, probes)
-    dtype = choose_dtype(cfg, facts, probes, device.value)
+    device = choose_device(cfg, facts, probes, world)
+    dtype = choose_dtype(cfg, facts, probes, device.value, world)
     quant = choose_quantization(cfg, facts, probes)
-    batch = choose_batch(cfg)
+    batch = choose_batch(cfg, world)
     seq_len = choose_seq_len(cfg, max_positions)
     tokens = seq_len.value if cfg.packing else min(seq_len.value, max_len or seq_len.value)
     fused = choose_fused_loss(cfg, facts, device.value, model_type)
-    fit = fit_memory(cfg, facts, probes, shape, device=device.value, dtype=dtype.value, quant=quant.value,
-                     batch=batch.value, tokens=tokens, fused=fused.value == "liger")
-    micro = choose_micro_batch(cfg, fit, batch.value)
+    parallel, fit = choose_parallel(cfg, facts, probes, shape, device=device.value, dtype=dtype.value,
+                                    quant=quant.value, batch=batch.value, tokens=tokens,
+                                    fused=fused.value == "liger", world=world, environ=environ)
+    per_rank = parallel.value.per_rank_batch
+    micro = choose_micro_batch(cfg, fit, per_rank, world)
     ckpt = choose_checkpointing(cfg, fit)
     steps = choose_max_steps(cfg, resumed, embedded, n_train, batch.value)
     return Plan(
@@ -604,7 +731,7 @@ def make_plan(
         seq_len=seq_len,
         batch_size=batch,
         micro_batch=micro,
-        grad_accum=choose_grad_accum(cfg, batch.value, micro.value),
+        grad_accum=choose_grad_accum(cfg, per_rank, micro.value, world),
         lr=choose_lr(cfg, embedded, shape),
         max_steps=steps,
         warmup_steps=choose_warmup(cfg, resumed, steps.value),
@@ -616,8 +743,9 @@ def make_plan(
         weight_decay=Choice(cfg.weight_decay, "QLoRA: 0" if cfg.weight_decay == 0 else "set by you"),
         fused_loss=fused,
         compile=choose_compile(
-            cfg, facts, device.value, dtype.value, ckpt.value, quant.value, shape, embedded
+            cfg, facts, device.value, dtype.value, ckpt.value, quant.value, shape, embedded, world
         ),
+        parallel=parallel,
         memory=MemoryFit(device.value, fit.budget_gib, fit.budget, fit.estimate, tokens,
                          shape.total_params() / 1e9),
         findings=[f for f in (memory_finding(fit, device.value),) if f],

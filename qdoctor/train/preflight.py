@@ -29,6 +29,16 @@ class Preflight:
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == "error"]
 
+    def to_dict(self) -> dict:
+        """Plain JSON: how the launcher (or rank 0) hands its pre-flight to the other processes of a run."""
+        return {"facts": self.facts, "findings": [f.to_dict() for f in self.findings], "probes": self.probes,
+                "fingerprint": self.fingerprint, "cached": self.cached, "notes": self.notes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preflight:
+        return cls(d["facts"], [Finding(**f) for f in d.get("findings") or []], list(d.get("probes") or []),
+                   d.get("fingerprint"), bool(d.get("cached")), list(d.get("notes") or []))
+
 
 def probe_names(device: str) -> tuple[str, ...]:
     """The probes for the device the run will use (qdoctor.devices resolved it)."""

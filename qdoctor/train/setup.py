@@ -41,8 +41,9 @@ class Setup:
         return self.ds.notes()
 
 
-def prepare(cfg: C.TrainConfig, resume: bool) -> Setup:
-    """Raises ConfigError, DataError, ModelError or RunDirError (one line each, exit 2)."""
+def prepare(cfg: C.TrainConfig, resume: bool, world: int = 1) -> Setup:
+    """Raises ConfigError, DataError, ModelError or RunDirError (one line each, exit 2). `world`: the
+    processes that will train (the batch is split over them; every one of them calls this, read-only)."""
     if resume and not cfg.output:
         raise rundir.RunDirError("--resume needs --output DIR (the run to continue)")
     src = M.resolve(cfg.model, cfg.trust_remote_code)
@@ -79,7 +80,7 @@ def prepare(cfg: C.TrainConfig, resume: bool) -> Setup:
     data_hash = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()[:16]
     model_hash = M.fingerprint(src)
     if previous:  # what can be compared before pre-flight is, so a mistyped resume fails fast
-        early = early_identity(cfg, model_hash, data_hash, seq_len)
+        early = early_identity(cfg, model_hash, data_hash, seq_len, world)
         rundir.check_identity(output, {"identity": {k: previous["identity"].get(k) for k in early}}, early)
     if previous and checkpoint.exists(output):  # a pickle, a damaged or a foreign checkpoint: refused here
         checkpoint.verify(output)
@@ -99,13 +100,14 @@ def prepare(cfg: C.TrainConfig, resume: bool) -> Setup:
     )
 
 
-def early_identity(cfg: C.TrainConfig, model_hash: str, data_hash: str, seq_len: int) -> dict:
-    """The part of the identity known before the plan (which needs pre-flight)."""
+def early_identity(cfg: C.TrainConfig, model_hash: str, data_hash: str, seq_len: int, world: int = 1) -> dict:
+    """The part of the identity known before the plan (which needs pre-flight). Not the number of processes:
+    the effective batch and the loss normalised by the step's label tokens make the math the same."""
     return {
         "model": model_hash,
         "data_sha256": data_hash,
         "seed": cfg.seed,
-        "batch_size": C.batch_split(cfg)[0],
+        "batch_size": C.batch_split(cfg, world)[0],
         "seq_len": seq_len,
         "packing": cfg.packing,
         "weight_decay": cfg.weight_decay,
@@ -119,7 +121,8 @@ def identity(cfg: C.TrainConfig, plan, setup: Setup) -> dict:
     max_steps (a run may be extended), micro-batch (the loss is normalised by label tokens), eval/save
     cadence, attention kernel, checkpointing, fused loss and compile (the same numbers)."""
     return {
-        **early_identity(cfg, setup.model_hash, setup.data_hash, plan.seq_len.value),
+        **early_identity(cfg, setup.model_hash, setup.data_hash, plan.seq_len.value,
+                         plan.parallel.value.world),
         "lr": plan.lr.value,
         "lora": dataclasses.asdict(plan.lora.value),
         "warmup_steps": plan.warmup_steps.value,
