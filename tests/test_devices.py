@@ -156,7 +156,8 @@ def test_preflight_probes_the_first_visible_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(qdoctor.facts, "collect", lambda **kw: f)
     calls = []
-    monkeypatch.setattr(qdoctor.smoke, "run_probes", lambda n, d, t, fa, **_: calls.append((tuple(n), d)) or [])
+    monkeypatch.setattr(qdoctor.smoke, "run_probes",
+                        lambda n, d, t, fa, **_: calls.append((tuple(n), d)) or [])
     preflight.run(None)
     assert calls == [(preflight.GPU_PROBES, "cuda:0")]
 
