@@ -88,19 +88,19 @@ def test_torch_runtime_names_decide_the_order_of_mixed_gpus():
 def test_plan_reads_cuda_ordinal_as_the_visible_gpu_not_the_nvml_index():
     """T4 at NVML 0, A100 at NVML 1, CUDA_VISIBLE_DEVICES=1: cuda:0 is the A100."""
     p = plan(facts([T4, A100], cvd="1"))
-    assert p.v("device") == "cuda:0"
+    assert p.device.value == "cuda:0"
     assert "GPU 1 (NVIDIA A100-SXM4-80GB)" in p.device.reason
-    assert p.v("dtype") == "bf16" and "sm_80" in p.dtype.reason
-    assert p.memory["budget_gib"] == round(81000 / 1024 * 0.85, 2)
-    assert "A100" in p.memory["budget"]
+    assert p.dtype.value == "bf16" and "sm_80" in p.dtype.reason
+    assert round(p.memory.budget_gib, 2) == round(81000 / 1024 * 0.85, 2)
+    assert "A100" in p.memory.budget
     # and the user's own --device cuda:0 means the same GPU
     p = plan(facts([T4, A100], cvd="1"), device="cuda")
-    assert p.v("device") == "cuda:0" and p.v("dtype") == "bf16" and "A100" in p.device.reason
+    assert p.device.value == "cuda:0" and p.dtype.value == "bf16" and "A100" in p.device.reason
 
 
 def test_plan_on_the_t4_alone_is_fp16():
     p = plan(facts([T4, A100], cvd="0"))
-    assert p.v("dtype") == "fp16" and p.memory["budget_gib"] == round(15000 / 1024 * 0.85, 2)
+    assert p.dtype.value == "fp16" and round(p.memory.budget_gib, 2) == round(15000 / 1024 * 0.85, 2)
 
 
 def test_hidden_gpus_plan_for_the_cpu_and_say_why():
@@ -126,7 +126,7 @@ def h200_hidden(monkeypatch, tmp_path):
     monkeypatch.setattr(qdoctor.facts, "collect", lambda **kw: f)
     calls = []
 
-    def fake_run_probes(names, device, timeout, facts):
+    def fake_run_probes(names, device, timeout, facts, **_):
         calls.append((tuple(names), device))
         return []
 
@@ -138,7 +138,7 @@ def test_preflight_with_every_gpu_hidden_probes_the_cpu(h200_hidden):
     f, calls = h200_hidden
     pf = preflight.run(None)  # no --device from the user: must not invent cuda:0
     assert calls == [(preflight.CPU_PROBES, "cpu")]
-    assert plan(pf.facts, []).v("device") == "cpu"
+    assert plan(pf.facts, []).device.value == "cpu"
 
 
 def test_preflight_names_the_variable_when_the_user_asks_for_a_hidden_gpu(h200_hidden):
@@ -156,7 +156,8 @@ def test_preflight_probes_the_first_visible_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(qdoctor.facts, "collect", lambda **kw: f)
     calls = []
-    monkeypatch.setattr(qdoctor.smoke, "run_probes", lambda n, d, t, fa: calls.append((tuple(n), d)) or [])
+    monkeypatch.setattr(qdoctor.smoke, "run_probes",
+                        lambda n, d, t, fa, **_: calls.append((tuple(n), d)) or [])
     preflight.run(None)
     assert calls == [(preflight.GPU_PROBES, "cuda:0")]
 

@@ -121,7 +121,7 @@ def test_preflight_reuses_probes_only_while_fresh(tmp_path, monkeypatch):
     monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(qdoctor.facts, "collect", lambda **kw: facts)
     runs = []
-    monkeypatch.setattr(qdoctor.smoke, "run_probes", lambda n, d, t, f: runs.append(d) or [])
+    monkeypatch.setattr(qdoctor.smoke, "run_probes", lambda n, d, t, f, **_: runs.append(d) or [])
     assert not preflight.run(None).cached and preflight.run(None).cached and runs == ["cpu"]
     for f in (tmp_path / f"v{cache.VERSION}" / preflight.CACHE_KIND).iterdir():
         os.utime(f, (1, 1))  # older than cache.MAX_AGE_S
