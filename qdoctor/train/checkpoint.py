@@ -207,7 +207,9 @@ def save(output: Path, model, optimizer, scheduler, scaler, state: dict, *, rng_
         if adapter_state is None:
             model.save_pretrained(tmp / ADAPTER)
         else:
-            model.save_pretrained(tmp / ADAPTER, state_dict=adapter_state)
+            from qdoctor.train.distributed import save_adapter
+
+            save_adapter(model, tmp / ADAPTER, adapter_state)
         write_state(tmp, optimizer, scheduler, scaler, state, run_identity(output), rng_ranks=rng_ranks,
                     optimizer_state=optimizer_state)
         replace_dir(tmp, output / "checkpoint")

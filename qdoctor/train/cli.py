@@ -512,7 +512,7 @@ def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bo
         _say(f"\nqdoctor: error: {f.code} {f.title} ({'; '.join(f.evidence)}) -> fix: {f.fix}\n", err=True)
     adapter = None
     if status == "completed":
-        state = D.full_state(wrapped, opt)[0] if sharded else None  # a collective under FSDP
+        state = D.full_state(wrapped, opt, device != "cpu")[0] if sharded else None  # a collective
         if world.main:
             adapter = _save_adapter(model, output, base_path, state)
     if world.main:
@@ -559,7 +559,9 @@ def _save_adapter(model, output: Path, base_path: str, state: dict | None = None
     if state is None:
         model.save_pretrained(tmp)
     else:
-        model.save_pretrained(tmp, state_dict=state)
+        from qdoctor.train.distributed import save_adapter
+
+        save_adapter(model, tmp, state)
     replace_dir(tmp, output / "adapter")
     return output / "adapter"
 

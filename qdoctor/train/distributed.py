@@ -277,23 +277,47 @@ def wrap_fsdp(model, device: str, world: World):
     )
 
 
-def full_state(model, optimizer) -> tuple[dict | None, dict | None]:
-    """Under FSDP: the whole adapter state dict and the whole optimizer state, on rank 0 (None elsewhere).
-    A collective: every rank calls it."""
+def full_state(model, optimizer, gpu: bool) -> tuple[dict | None, dict | None]:
+    """Under FSDP: the adapter's tensors (keys as peft writes them) and the whole optimizer state, on rank 0
+    (None elsewhere). A collective: every rank calls it. On GPUs gathered into rank 0's CPU memory only
+    (offload_to_cpu, rank0_only); on the CPU into every rank's, as FSDP's offload of CPU tensors fails there
+    ("setStorage: ... out of bounds for storage of size 0", torch 2.13).
+
+    peft's own selection (get_peft_model_state_dict) finds the LoRA modules by their names, which FSDP's
+    wrappers change ("_fsdp_wrapped_module."), and returns nothing; the gathered state dict has the plain
+    names, so the LoRA tensors are taken from it as peft takes them for a LoRA without bias: the ".lora_A."
+    and ".lora_B." entries, the adapter name dropped."""
     import torch.distributed as dist
-    from peft import get_peft_model_state_dict
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    ocfg = FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    cfg = FullStateDictConfig(offload_to_cpu=gpu, rank0_only=gpu)
+    ocfg = FullOptimStateDictConfig(offload_to_cpu=gpu, rank0_only=gpu)
     with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg, ocfg):
         sd = model.state_dict()
         osd = FSDP.optim_state_dict(model, optimizer)
     if dist.get_rank() != 0:
         return None, None
-    adapter = get_peft_model_state_dict(unwrap(model), state_dict=sd)
-    return adapter, osd
+    return lora_tensors(sd), osd
+
+
+def lora_tensors(state_dict: dict, adapter: str = "default") -> dict:
+    """The LoRA entries of a whole-model state dict, named as in adapter_model.safetensors."""
+    return {k.replace(f".{adapter}.", "."): v.detach().contiguous() for k, v in state_dict.items()
+            if (".lora_A." in k or ".lora_B." in k) and f".{adapter}." in k}
+
+
+def save_adapter(model, directory, tensors: dict) -> None:
+    """What PeftModel.save_pretrained writes (adapter_config.json, adapter_model.safetensors), from tensors
+    gathered by full_state."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    unwrap(model).peft_config["default"].save_pretrained(str(d))
+    save_file(dict(tensors), str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def load_full_optim_state(model, optimizer, osd: dict) -> None:

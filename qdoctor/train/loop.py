@@ -275,7 +275,8 @@ def save_checkpoint(run: Run) -> None:
     if run.world.several:
         extra["rng_ranks"] = dist_.gather_objects(run.world, checkpoint.rng_state())[1:]
     if run.sharded:
-        extra["adapter_state"], extra["optimizer_state"] = dist_.full_state(run.model, run.optimizer)
+        extra["adapter_state"], extra["optimizer_state"] = dist_.full_state(run.model, run.optimizer,
+                                                                          run.device != "cpu")
     if run.world.main:
         checkpoint.save(
             run.output,
