@@ -37,7 +37,7 @@ def clean_run():
 @pytest.fixture(scope="module")
 def injected_cli():
     mark = f"qdoctor-test-sleeper-{uuid.uuid4().hex}"
-    env = dict(os.environ, QDOCTOR_SMOKE_INJECT="nf4=abort,lora_step=hang,matmul4bit=wrong",
+    env = dict(os.environ, QDOCTOR_SMOKE_INJECT="nf4=abort,lora_step=hang,matmul4bit=wrong,ddp=wrong",
                QDOCTOR_SMOKE_MARK=mark)
     # 3 s: the hang is cut at the timeout; each real probe takes under 1 s here once the fork server
     # has imported the stack (which has its own 30 s allowance)
@@ -71,6 +71,13 @@ def test_results_carry_time_and_memory(clean_run):
         assert r.measurements.get("isolation") in ("fork", "spawn")
 
 
+def test_ddp_runs_two_processes_with_gloo_on_cpu(clean_run):
+    m = clean_run["ddp"].measurements
+    assert m["backend"] == "gloo" and m["world_size"] == 2 and m["ranks_finished"] and m["allreduce_ok"]
+    assert m["grad_diff_across_ranks"] == 0.0 and m["grad_rel_err_vs_mean"] <= 1e-5 and m["grads_nonzero"]
+    assert len(m["losses"]) == 2 and m["losses"][0] != m["losses"][1]  # each rank had its own batch
+
+
 def test_paged_optimizer_skipped_on_cpu_with_reason(clean_run):
     assert clean_run["optim8bit"].measurements["paged"].startswith("skipped")
 
@@ -80,6 +87,7 @@ def test_injected_faults_get_the_right_status(injected_cli):
     assert p.returncode == 1
     st = {r["probe"]: r["status"] for r in doc["probes"]}
     assert st["nf4"] == "crash" and st["lora_step"] == "timeout" and st["matmul4bit"] == "fail"
+    assert st["ddp"] == "fail"  # rank 1's gradients shifted: the ranks disagree
     # the other probes still ran, and passed
     assert all(st[n] == "pass" for n in ("imports", "device", "optim8bit", "save_load", "precision"))
 

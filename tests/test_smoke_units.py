@@ -258,6 +258,29 @@ def test_missing_bitsandbytes_skips_4bit_probes_with_reason():
     assert static_skip("nf4", None, "cpu") is None  # unknown is never bad
 
 
+def test_ddp_probe_skips_with_one_gpu_and_runs_on_cpu_or_two():
+    f = facts_of("h200-synthetic.json")
+    why = static_skip("ddp", f, "cuda:0")
+    assert why and why.startswith("1 GPU visible: the ddp probe needs two")
+    assert static_skip("ddp", f, "cpu") is None  # gloo on the CPU: CI runs it
+    f["nvidia"]["gpus"] = [{**f["nvidia"]["gpus"][0], "index": i} for i in range(2)]
+    assert static_skip("ddp", f, "cuda:0") is None
+    f["env"]["CUDA_VISIBLE_DEVICES"] = "1"
+    assert "1 GPU visible" in static_skip("ddp", f, "cuda:0")
+    assert static_skip("ddp", None, "cuda:0") is None  # unknown: the probe counts for itself
+
+
+def test_ddp_verdict_catches_ranks_that_disagree_or_hang(mx):
+    ok = {"ranks_finished": True, "allreduce_ok": True, "grad_diff_across_ranks": 0.0,
+          "grad_rel_err_vs_mean": 2e-8, "grads_nonzero": True, "losses_finite": True}
+    assert verdict.judge("ddp", ok, mx["smoke_bands"]) == []
+    bad = verdict.failures("ddp", {**ok, "grad_diff_across_ranks": 1e-3}, mx["smoke_bands"])
+    assert [k for k, _ in bad] == ["grad_diff_across_ranks"]
+    hung = {"ranks_finished": False, "allreduce_ok": False, "ddp_step_ok": False}
+    assert {k for k, _ in verdict.failures("ddp", hung, mx["smoke_bands"])} == {
+        "ranks_finished", "allreduce_ok", "ddp_step_ok"}
+
+
 def test_dependency_skips():
     placeholder = ProbeResult("imports", "fail", measurements={
         "torch_ok": True, "bitsandbytes_ok": True, "bnb_native_loaded": False, "transformers_ok": True,

@@ -25,7 +25,7 @@ def _progress(enabled: bool):
 @click.command()
 @click.option("--probe", "probes", multiple=True, metavar="NAME",
               help="Run only this probe (repeatable): imports, device, nf4, matmul4bit, lora_step, "
-                   "optim8bit, save_load, precision.")
+                   "optim8bit, save_load, precision, ddp.")
 @click.option("--device", default=None, metavar="cpu|cuda:N",
               help="Where the probes compute; cuda:N is the N-th GPU CUDA_VISIBLE_DEVICES lets through "
                    "(default: cuda:0 if torch can use a visible GPU, else cpu).")

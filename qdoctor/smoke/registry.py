@@ -37,5 +37,8 @@ ORDER = [
           "adapter saved in PEFT format and reloaded onto a fresh 4-bit base gives the same logits"),
     Probe("precision", 8, _P + "train:precision", ("torch",), True,
           "bf16 autocast where native, fp16 with GradScaler otherwise, fp32 on CPU: losses finite"),
+    Probe("ddp", 9, _P + "ddp:ddp", ("torch", "bitsandbytes", "transformers", "peft"), True,
+          "two processes (NCCL on two GPUs, gloo on CPU): an all-reduce with a checked sum, then one QLoRA "
+          "step under DDP with the same gradients on every rank; skipped with one GPU"),
 ]
 PROBES: dict[str, Probe] = {p.name: p for p in ORDER}

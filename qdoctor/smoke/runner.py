@@ -75,6 +75,11 @@ def static_skip(probe: str, facts: dict | None, device: str) -> str | None:
     for dist in p.needs:
         if _installed(facts, dist) is False:
             return f"{dist} is not installed (`pip install {dist}`)"
+    if probe == "ddp" and device.startswith("cuda"):
+        n = devices.count(facts)
+        if n is not None and n < 2:
+            return (f"{n} GPU{'s' * (n != 1)} visible: the ddp probe needs two, one per process (training on "
+                    "one GPU does not use it)")
     return None
 
 
