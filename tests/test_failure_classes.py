@@ -72,6 +72,15 @@ def req(pkg, ver, requirement, installed):
     return [{"package": pkg, "version": ver, "requirement": requirement, "installed": installed}]
 
 
+def two_gpus(**changes):
+    """The H200 machine with a second H200 (tests/test_check_multigpu.py covers these rules in full)."""
+    from test_check_multigpu import two_h200
+
+    return two_h200(**changes)
+
+
+P2P_YES = [[0, 1, True], [1, 0, True]]
+
 # class -> (code, broken facts, healthy facts, words that must be in the broken finding)
 CLASSES = {
     "bnb: no library for torch's CUDA": (
@@ -180,6 +189,9 @@ CLASSES = {
     "Triton without Python headers": (
         "QD611", variant(H200, **{"platform.c_compiler": "gcc", "native": {"python_headers": False}}),
         None, ["python3.12-dev"]),
+    "NCCL peer-to-peer turned off on GPUs that have it": (
+        "QD222", two_gpus(**{"env.NCCL_P2P_DISABLE": "1", "torch.p2p": P2P_YES}),
+        two_gpus(**{"torch.p2p": P2P_YES}), ["unset NCCL_P2P_DISABLE"]),
     "container with a small /dev/shm": (
         "QD612", variant(H200, **{"platform.container": "docker", "driver": {"shm_mib": 64}}),
         variant(H200, **{"platform.container": "docker", "driver": {"shm_mib": 16384}}), ["--ipc=host"]),

@@ -117,6 +117,18 @@ SNAPSHOTS = {
             "QD204": ["GPU 0", "GPU 1", "CUDA_VISIBLE_DEVICES=0"],
         },
     ),
+    # synthetic: the H200 machine with two GeForce RTX 4090 instead, `check --deep` (no NVLink: the driver
+    # offers no peer-to-peer between them, so NCCL goes through host memory)
+    "two-rtx4090-deep": (
+        set(),
+        set(),
+        {
+            "QD220": ["2 GPUs for data-parallel training (NCCL 2.28.9, peer-to-peer not between all)",
+                      "cuda:1 = GPU 1 (NVIDIA GeForce RTX 4090, sm_89, 24 GiB)", "0->1 no"],
+            "QD221": ["cuda:0 and cuda:1", "NCCL_P2P_DISABLE=1"],
+            "QD222": ["NCCL_DEBUG=WARN"],
+        },
+    ),
     "peft-transformers-mismatch": (
         {"QD503"},
         set(),

@@ -1,4 +1,7 @@
-"""Environment variables that change what the stack does; credential-like ones only as "set" (***)."""
+"""Environment variables that change what the stack does; credential-like ones only as "set" (***).
+
+Besides the names listed, every NCCL_* and TORCH_NCCL_* variable that is set: they steer the collectives of a
+run on several GPUs (transports, interfaces, timeouts), and a bug report should show them."""
 
 from __future__ import annotations
 
@@ -21,11 +24,16 @@ NAMES = (
 )
 
 
+PREFIXES = ("NCCL_", "TORCH_NCCL_")
+
+
 def collect(environ=None) -> dict:
     """Every name in NAMES (null when unset) plus the names of credential-like variables that are set."""
     env = os.environ if environ is None else environ
     out = {name: redact_env_value(name, env.get(name)) for name in NAMES}
     for name in sorted(env):
-        if name not in out and is_secret_name(name) and env.get(name):
+        if name not in out and name.startswith(PREFIXES):
+            out[name] = redact_env_value(name, env.get(name))
+        elif name not in out and is_secret_name(name) and env.get(name):
             out[name] = "***"
     return out

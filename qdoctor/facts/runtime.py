@@ -91,7 +91,27 @@ def _torch_facts(torch) -> dict:
                 d["bf16_error"] = f"{type(e).__name__}: {e}"
             devices.append(d)
     t["devices"] = devices
+    t["p2p"] = _peer_access(torch, len(devices)) if len(devices) > 1 else []
+    try:
+        v = torch.cuda.nccl.version() if t.get("cuda_available") else None
+        t["nccl_version"] = ".".join(map(str, v)) if isinstance(v, tuple) else (str(v) if v else None)
+    except BaseException:  # noqa: BLE001 - a CPU build, or NCCL missing
+        t["nccl_version"] = None
     return t
+
+
+def _peer_access(torch, n: int) -> list:
+    """[[i, j, can i read j's memory directly]] for every ordered pair of CUDA devices (what NCCL's P2P
+    transport uses; False means its traffic goes through host memory)."""
+    out = []
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                try:
+                    out.append([i, j, bool(torch.cuda.can_device_access_peer(i, j))])
+                except BaseException:  # noqa: BLE001
+                    out.append([i, j, None])
+    return out
 
 
 def _bnb_facts(bnb) -> dict:
@@ -155,6 +175,10 @@ def merge(facts: dict, result: dict) -> dict:
             torch[key] = t.get(key)
         devices = t.get("devices") or []
         torch["devices"] = devices
+        if "p2p" in t:
+            torch["p2p"] = t["p2p"]
+        if t.get("nccl_version"):
+            torch["nccl"] = {"version": t["nccl_version"], "source": "torch.cuda.nccl.version() (--deep)"}
         flags = [d.get("bf16_supported") for d in devices if "bf16_supported" in d]
         no_gpu = t.get("cuda_available") is False
         torch["bf16_supported"] = all(flags) if flags else (False if no_gpu else None)

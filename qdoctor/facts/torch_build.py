@@ -110,6 +110,29 @@ def _vt(v: str) -> tuple:
     return tuple(int(x) for x in v.split(".") if x.isdigit())
 
 
+NCCL_WHEELS = ("nvidia-nccl-cu13", "nvidia-nccl-cu12", "nvidia-nccl-cu11", "nvidia-nccl")
+_LIBNCCL = re.compile(r"^libnccl\.so\.(\d+\.\d+\.\d+)$")
+
+
+def nccl(packages: dict | None, lib_dir: str | None) -> dict | None:
+    """The NCCL a CUDA torch will load, without importing it: the nvidia-nccl wheel its pip build depends on
+    (its version is NCCL's), else a libnccl.so.X.Y.Z shipped in torch/lib. None when neither is there (a
+    build that links NCCL statically: `check --deep` asks torch.cuda.nccl.version())."""
+    for name in NCCL_WHEELS:
+        v = (packages or {}).get(name)
+        if v:
+            return {"version": v, "source": f"{name} wheel"}
+    try:
+        names = sorted(os.listdir(lib_dir)) if lib_dir else []
+    except OSError:
+        names = []
+    for f in names:
+        m = _LIBNCCL.match(f)
+        if m:
+            return {"version": m.group(1), "source": f"torch/lib/{f}"}
+    return None
+
+
 def collect(paths=None, packages: dict | None = None) -> dict:
     out = {"installed": False, "version": None, "cuda": None, "hip": None, "xpu": None, "arch_list": None,
            "ptx": None, "cuda_available": None, "device_count": None, "bf16_supported": None, "error": None,
@@ -140,6 +163,7 @@ def collect(paths=None, packages: dict | None = None) -> dict:
     except (OSError, elf.ElfError):
         out["requires_versions"] = None
     if out["cuda"]:
+        out["nccl"] = nccl(packages, os.path.join(pkg_dir, "lib"))
         try:
             scanned = scan_arch(os.path.join(pkg_dir, "lib"))
         except (OSError, elf.ElfError) as e:

@@ -233,21 +233,38 @@ def gpu_name(g: dict) -> str:
 
 @rule("QD204", "mixed-gpus", AREA)
 def mixed_gpus(facts, matrix):
-    """The visible GPUs differ in compute capability: settings (dtype, kernels) must suit the weakest, and
-    data-parallel training runs at the pace of the slowest. Info; pin one kind with CUDA_VISIBLE_DEVICES."""
+    """The visible GPUs are of different models (compute capability, or memory): settings (dtype, kernels)
+    must suit the weakest, data-parallel training runs at the pace of the slowest and fits the smallest, and
+    which GPU a one-GPU run gets depends on CUDA's numbering. Names the GPU `qdoctor train` and `smoke` would
+    use (cuda:0, as qdoctor.devices maps it). Info; pin one kind with CUDA_VISIBLE_DEVICES."""
+    from qdoctor import devices
+
     gpus = [g for g in visible_gpus(facts) if cc_tuple(g.get("compute_capability"))]
-    kinds = {cc_tuple(g["compute_capability"]) for g in gpus}
+
+    def kind(g):
+        return cc_tuple(g["compute_capability"]), g.get("memory_total_mib") or 0
+
+    kinds = {kind(g) for g in gpus}
     if len(kinds) < 2:
         return []
     best = max(kinds)
-    keep = ",".join(str(g.get("index")) for g in gpus if cc_tuple(g["compute_capability"]) == best)
+    keep = ",".join(str(g.get("index")) for g in gpus if kind(g) == best)
+    run = devices.describe(facts, "cuda:0")
+    ev = [f"GPU {g.get('index')}: {g.get('name')}, CC {g.get('compute_capability')}, "
+          f"{g.get('memory_total_mib')} MiB" for g in gpus]
+    ev.append(f"qdoctor train and smoke use {run} unless --device says otherwise")
+    ev.append(f"`qdoctor train --nproc {len(gpus)}`: every process computes in the dtype of the weakest GPU "
+              "and fits the micro-batch to the smallest")
+    note = devices.visible(facts).note
+    if note:
+        ev.append(note)
     return [
         Finding(
             "QD204",
             "info",
-            f"mixed GPUs: {group_label(gpus)}",
-            [f"GPU {g.get('index')}: {g.get('name')}, CC {g.get('compute_capability')}" for g in gpus],
-            f"export CUDA_VISIBLE_DEVICES={keep}  # only the {sm(best)} GPUs",
+            f"mixed GPUs: {group_label(gpus)}; a one-GPU run uses {run.split(' under ')[0]}",
+            ev,
+            f"export CUDA_VISIBLE_DEVICES={keep}  # only the {sm(best[0])}, {gib(best[1])} GPUs",
             AREA,
         )
     ]
