@@ -48,6 +48,8 @@ def env_summary(facts, matrix):
     if not env:
         return []
     set_ = [f"{k}={env[k]}" for k in _SHOWN if env.get(k) is not None]
+    set_ += [f"{k}={v}" for k, v in sorted(env.items())
+             if k.startswith(("NCCL_", "TORCH_NCCL_")) and v is not None]  # listed by QD222 too
     title = ", ".join(set_) if set_ else "no variables that change GPU, library or hub behaviour are set"
     return [
         Finding(

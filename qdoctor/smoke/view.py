@@ -42,6 +42,9 @@ def key_numbers(r: ProbeResult) -> str:
     if p == "precision":
         scaler = " + GradScaler" if m.get("grad_scaler") else ""
         return f"{m.get('autocast_dtype', '-')}{scaler}, loss finite {m.get('loss_finite', '-')}"
+    if p == "ddp":
+        return (f"{m.get('world_size', '-')} processes ({m.get('backend', '-')}), all-reduce ok "
+                f"{m.get('allreduce_ok', '-')}, grad diff across ranks {_g(m.get('grad_diff_across_ranks'))}")
     return ""
 
 
