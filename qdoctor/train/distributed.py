@@ -287,15 +287,19 @@ def full_state(model, optimizer, gpu: bool) -> tuple[dict | None, dict | None]:
     wrappers change ("_fsdp_wrapped_module."), and returns nothing; the gathered state dict has the plain
     names, so the LoRA tensors are taken from it as peft takes them for a LoRA without bias: the ".lora_A."
     and ".lora_B." entries, the adapter name dropped."""
+    import warnings
+
     import torch.distributed as dist
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     cfg = FullStateDictConfig(offload_to_cpu=gpu, rank0_only=gpu)
     ocfg = FullOptimStateDictConfig(offload_to_cpu=gpu, rank0_only=gpu)
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg, ocfg):
-        sd = model.state_dict()
-        osd = FSDP.optim_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # torch 2.13 points to torch.distributed.checkpoint (not safetensors)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*state_dict_type.*")
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg, ocfg):
+            sd = model.state_dict()
+            osd = FSDP.optim_state_dict(model, optimizer)
     if dist.get_rank() != 0:
         return None, None
     return lora_tensors(sd), osd

@@ -327,8 +327,8 @@ def optimizer_chain(cfg, facts, probes, device: str, fsdp: bool = False) -> list
 
             raise ConfigError(f"optimizer {cfg.optimizer} with fsdp: its state cannot be gathered through "
                               "FSDP's optim_state_dict for a checkpoint; use --optimizer adamw")
-        return [Choice("adamw", "torch AdamW: FSDP gathers its state for checkpoints (8-bit and paged states "
-                       "do not gather; sharded, LoRA's states are small)")]
+        return [Choice("adamw", "torch AdamW: FSDP can gather its state into a checkpoint (bitsandbytes' "
+                       "8-bit and paged states cannot); sharded, LoRA's 32-bit states stay small")]
     if cfg.optimizer != "auto":
         return [Choice(cfg.optimizer, "set by you")]
     out = []
