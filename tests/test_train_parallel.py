@@ -208,7 +208,7 @@ def test_the_launcher_hands_its_preflight_and_arguments_to_the_ranks(tmp_path):
     assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                        "qdoctor.train.launch"]  # no `train` option on torchrun's command line (--nproc)
     env = launch.worker_env(2, str(launch_file), cpu=True, environ={"PATH": "/bin"})
-    assert env[D.LAUNCH_ENV] == str(launch_file) and env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "600"
+    assert env[D.LAUNCH_ENV] == str(launch_file) and env["PATH"] == "/bin"
     assert int(env["OMP_NUM_THREADS"]) >= 1
     assert launch.worker_env(2, "f", cpu=True, environ={"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"
 
@@ -231,3 +231,92 @@ def test_plan_json_carries_the_parallel_choice():
     d = plan(gpus(2), 2).to_dict()
     assert d["parallel"]["value"]["world"] == 2 and d["parallel"]["reason"]
     assert copy.deepcopy(d) == json.loads(json.dumps(d))
+
+
+# ---- the launcher's signals, with a stand-in for torchrun ----
+
+FAKE_TORCHRUN = r"""
+import os, signal, subprocess, sys, time
+rank = r'''
+import os, signal, sys, time
+def stop(signum, frame):
+    open(sys.argv[1] + f".rank{sys.argv[2]}", "w").write(signal.Signals(signum).name)
+    if sys.argv[2] == "0":
+        open(os.environ["STATUS"], "w").write("130\n")
+    sys.exit(0)
+signal.signal(signal.SIGINT, stop)
+open(sys.argv[1] + f".ready{sys.argv[2]}", "w").close()
+time.sleep(60)
+'''
+kids = [subprocess.Popen([sys.executable, "-c", rank, os.environ["MARK"], str(r)]) for r in range(2)]
+sys.exit(max(k.wait() for k in kids))
+"""
+
+
+def test_the_launcher_signals_the_ranks_and_returns_rank_0s_code(tmp_path, monkeypatch):
+    """Ctrl-C reaches the launcher only (torchrun and the ranks run in sessions of their own); it forwards the
+    signal to torchrun's children, the ranks, and returns the code rank 0 left (130), with no report of a
+    failure from torchrun."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    mark = str(tmp_path / "mark")
+    monkeypatch.setattr(launch, "torchrun_command", lambda n: [sys.executable, "-c", FAKE_TORCHRUN])
+    real_write = launch.write_launch
+
+    def write_launch(directory, preflight, args):
+        launch_file, status = real_write(directory, preflight, args)
+        monkeypatch.setenv("STATUS", str(status))
+        return launch_file, status
+
+    monkeypatch.setattr(launch, "write_launch", write_launch)
+    monkeypatch.setenv("MARK", mark)
+
+    def interrupt():
+        deadline = time.monotonic() + 30
+        while not all(Path(f"{mark}.ready{r}").exists() for r in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    code = launch.run(2, ["--max-steps", "3"], {"facts": {}}, cpu=True)
+    assert code == 130
+    assert [Path(f"{mark}.rank{r}").read_text() for r in (0, 1)] == ["SIGINT", "SIGINT"]
+
+
+def test_an_out_of_memory_error_on_one_rank_stops_that_rank_at_once(monkeypatch):
+    """The other ranks wait in the all-reduce: halving the micro-batch on one rank alone cannot work."""
+    from types import SimpleNamespace
+
+    from qdoctor.train import loop
+
+    def oom(*a):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "train_step", oom)
+    run = SimpleNamespace(micro=4, world=D.World(1, 2, 1, 2, "torchrun"))
+    with pytest.raises(loop.RankStopped) as e:
+        loop._step_or_stop(run, [None] * 8, 8)
+    f = e.value.finding
+    assert f.code == "QD803" and "one of 2 processes at micro-batch 4" in f.title and "rank 1" in f.evidence
+    assert "--fsdp" in f.fix
+
+
+def test_ranks_agree_on_the_signal_one_of_them_caught(monkeypatch):
+    """torchrun or the launcher signals each rank, not at the same instant: at each step boundary the ranks
+    take the largest signal number any of them saw, so all stop at the same step."""
+    from types import SimpleNamespace
+
+    from qdoctor.train import loop
+
+    seen = []
+    monkeypatch.setattr(loop.dist_, "max_", lambda world, v: seen.append(v) or 15)
+    run = SimpleNamespace(world=D.World(1, 2, 1, 2, "torchrun"), stop_requested=None)
+    loop._agree_on_stop(run)
+    assert run.stop_requested == "SIGTERM" and seen == [0]
+    one = SimpleNamespace(world=D.SINGLE, stop_requested=None)
+    loop._agree_on_stop(one)  # one process: no collective, nothing changes
+    assert one.stop_requested is None and seen == [0]

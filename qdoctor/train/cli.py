@@ -186,7 +186,7 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
     quiet = world.launcher == "qdoctor"  # the launcher has shown the notes, the warnings and the plan
     for note in [] if quiet else setup.data_notes:
         _say(f"note: {note}\n", err=True)
-    if not launching:
+    if not launching and world.several:
         D.init(world, cuda=_cuda_wanted(cfg))
     pf = _preflight(cfg, world, skip_probes, force, quiet)
     from qdoctor.train import plan as P
@@ -506,6 +506,14 @@ def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bo
             f"{output / 'checkpoint'}; continue with:\n  {hint}\n",
             err=True,
         )
+    except loop.RankStopped as e:  # this rank alone: say so from here, and end now (torchrun stops the rest)
+        f = e.finding
+        out(f"\nqdoctor: error: {f.code} {f.title} ({'; '.join(f.evidence)}) -> fix: {f.fix}\n", err=True)
+        if _Rank.status_file:
+            from qdoctor.train.launch import write_status
+
+            write_status(_Rank.status_file, EXIT_FINDINGS)
+        sys.exit(EXIT_FINDINGS)
     except loop.StopRun as e:
         status, code = "stopped", EXIT_FINDINGS
         f = e.finding

@@ -3,11 +3,12 @@ same command, and each reads this process's pre-flight instead of running its ow
 
 torchrun (`python -m torch.distributed.run --standalone`) picks a free rendezvous port, starts the ranks in
 sessions of their own and sets RANK, WORLD_SIZE and LOCAL_RANK. This parent relays their output through
-redaction, and on Ctrl-C or SIGTERM signals the ranks themselves (not torchrun, which would give them
-TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, 30 by default, before killing them): they agree on a step boundary,
-rank 0 saves a checkpoint, and the run ends with exit 130 like a one-process run. The ranks exit 0 to
-torchrun once they agree on an outcome (so it prints no failure report) and rank 0 leaves the real exit code
-in a file; a rank that dies alone makes torchrun stop the others and this parent exit 1.
+redaction, and on Ctrl-C or SIGTERM signals the ranks themselves, not torchrun (which would kill them
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later, 30 by default, whether the step had ended or not): they agree
+on a step boundary, rank 0 saves a checkpoint, and the run ends with exit 130 like a one-process run. A second
+signal stops torchrun and everything under it. The ranks exit 0 to torchrun once they agree on an outcome (so
+it prints no failure report) and leave the real exit code in a file; a rank that dies alone makes torchrun
+stop the others (within its shutdown timeout) and this parent exit 1.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from pathlib import Path
 from qdoctor.console import EXIT_FINDINGS, out
 from qdoctor.train.distributed import LAUNCH_ENV
 
-SHUTDOWN_TIMEOUT_S = 600  # what torchrun gives the ranks after a signal it forwards itself (its default: 30)
-
 
 def torchrun_command(nproc: int) -> list[str]:
     """The ranks run this module, which reads the `train` arguments from the launch file: on torchrun's own
@@ -37,11 +36,10 @@ def torchrun_command(nproc: int) -> list[str]:
 
 
 def worker_env(nproc: int, launch_file: str, cpu: bool, environ=None) -> dict:
-    """The ranks' environment: the launch file, a longer shutdown grace, and on CPU the cores shared out
-    (torchrun would set OMP_NUM_THREADS=1 with a banner)."""
+    """The ranks' environment: the launch file, and on CPU the cores shared out (torchrun would set
+    OMP_NUM_THREADS=1 with a banner)."""
     env = dict(os.environ if environ is None else environ)
     env[LAUNCH_ENV] = launch_file
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     if nproc > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc) if cpu else 1))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

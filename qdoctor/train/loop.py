@@ -40,6 +40,11 @@ class StopRun(Exception):
         self.finding = finding
 
 
+class RankStopped(StopRun):
+    """One rank of several must stop on its own (the others wait in a collective it will not join): the CLI
+    reports it from that rank and exits at once, so that torchrun stops the others."""
+
+
 class Interrupted(Exception):
     def __init__(self, step: int, signame: str = "SIGINT"):
         super().__init__(f"interrupted ({signame}) at step {step}")
@@ -401,7 +406,7 @@ def _step_or_stop(run: Run, examples: list, per_rank: int) -> tuple[float, float
     except Exception as e:
         if not is_oom(e):
             raise
-        raise StopRun(
+        raise RankStopped(
             Finding(
                 "QD803",
                 "error",
