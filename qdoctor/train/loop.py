@@ -15,6 +15,7 @@ the next step boundary with a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -181,14 +182,14 @@ class Run:
         return parallel is not None and parallel.value.strategy == "fsdp"
 
 
-def forward_loss(run: Run, batch: dict, n_label_tokens: int, model=None):
+def forward_loss(run: Run, batch: dict, n_label_tokens: int):
     import torch
 
     batch = {k: v.to(run.device) for k, v in batch.items()}
     with torch.autocast(
         run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.dtype.value != "fp32"
     ):
-        out = (model or run.model)(**batch)
+        out = run.model(**batch)
     n = int((batch["labels"][:, 1:] != IGNORE).sum())
     return out.loss.float() * (n / n_label_tokens)
 
@@ -246,14 +247,13 @@ def evaluate(run: Run) -> float | None:
     world = run.world
     n_label = _label_tokens(run.eval)
     mine = run.eval if run.sharded else dist_.eval_shard(run.eval, world)
-    model = run.model if run.sharded else run.core
-    model.eval()
+    # under DDP the peft model itself: its forward runs no collective, and the ranks' shares may differ
+    on = run if run.sharded or run.core is run.model else dataclasses.replace(run, model=run.core)
+    run.model.eval()
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(mine), run.micro):
-            batch = collate(mine[i : i + run.micro], run.pad_id)
-            total += forward_loss(run, batch, n_label, model=model).item()
-    model.train()
+            total += forward_loss(on, collate(mine[i : i + run.micro], run.pad_id), n_label).item()
     run.model.train()
     return total if run.sharded else dist_.sum_(world, total)
 
