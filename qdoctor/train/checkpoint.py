@@ -314,10 +314,15 @@ LOAD_ERRORS = (ValueError, KeyError, TypeError, IndexError, RuntimeError, Overfl
 
 
 def load_adapter(output: Path, model) -> None:
-    """The LoRA weights into the (unwrapped) peft model: under FSDP before it is sharded."""
+    """The LoRA weights into the (unwrapped) peft model: under FSDP before it is sharded. The whole checkpoint
+    is read and checked first, so a damaged one is refused before the model is touched."""
     from peft import set_peft_model_state_dict
 
-    ck, _, weights, _ = _read(output)
+    ck, doc, weights, tensors = _read(output)
+    try:
+        unpack(doc, tensors)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint in {ck}: {e}; start a fresh --output") from None
     try:
         result = set_peft_model_state_dict(model, weights)
         if getattr(result, "unexpected_keys", None):
