@@ -32,8 +32,11 @@ def codes_option(value: str | None) -> tuple[str, ...]:
 
 def format_options(f):
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")(f)
-    f = click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default=None,
-                     help="Output format (markdown is made for bug reports).")(f)
+    f = click.option("--format", "fmt",
+                     type=click.Choice(["text", "json", "markdown", "junit", "github", "auto"]), default=None,
+                     help="Output format: markdown for bug reports and job summaries, junit for CI test "
+                          "reports, github for workflow annotations, auto = github under GitHub Actions "
+                          "(GITHUB_ACTIONS=true), else text.")(f)
     f = click.option("-v", "--verbose", is_flag=True, help="Show the evidence under every line.")(f)
     f = click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")(f)
     f = click.option("--select", default=None, help="Only these codes/prefixes (QD3,QD401).")(f)
@@ -44,6 +47,10 @@ def format_options(f):
 def resolve_format(as_json: bool, fmt: str | None) -> str:
     if as_json and fmt not in (None, "json"):
         raise click.UsageError(f"--json and --format {fmt} contradict each other")
+    if fmt == "auto":
+        from qdoctor.formats import resolve_auto
+
+        return resolve_auto()
     return "json" if as_json else (fmt or "text")
 
 
@@ -116,7 +123,7 @@ def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, v
             raise UsageError(str(e)) from None
     findings = judge(facts, matrix.load())
     findings = select_findings(findings, codes_option(select), codes_option(ignore))
-    emit_report("check", findings, facts, fmt, verbose)
+    emit_report("check", findings, facts, fmt, verbose, strict=strict)
     if save_facts:
         write_facts(save_facts, facts)
     sys.exit(exit_code(findings, strict))
@@ -132,11 +139,19 @@ def write_facts(path: str, facts: dict) -> None:
 
 
 def emit_report(command, findings, facts, fmt, verbose, extra=None, text_footer=None, md_sections=None,
-                header=None):
+                header=None, strict=False):
     from qdoctor import report
     from qdoctor.redact import redact_obj
 
-    if fmt == "json":
+    if fmt == "junit":
+        from qdoctor.formats.junit import render_junit
+
+        out(render_junit(findings, command, probes=(extra or {}).get("probes"), strict=strict))
+    elif fmt == "github":
+        from qdoctor.formats.github import render_github
+
+        out(render_github(findings, command))
+    elif fmt == "json":
         out(report.render_json(findings, redact_obj(facts) if facts is not None else None, command, extra))
     elif fmt == "markdown":
         out(report.render_markdown(findings, redact_obj(facts) if facts is not None else None, command,
@@ -144,6 +159,37 @@ def emit_report(command, findings, facts, fmt, verbose, extra=None, text_footer=
     else:
         head = header or f"qdoctor {command} {__version__}"
         out(report.render_text(findings, verbose=verbose, header=head, footer=text_footer))
+
+
+@cli.command("matrix")
+@click.option("--platform", "platform", default=None, metavar="P",
+              help="A platform key such as linux-x86_64-cpu or linux-x86_64-cuda-sm_90, or 'all' "
+                   "(default: this machine's, else all).")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")
+def matrix_cmd(platform, fmt):
+    """Print the verified combinations (matrix/verified/<platform>.json): which stacks were run, and how."""
+    import json
+
+    from qdoctor import verified
+
+    known = verified.platforms()
+    if platform in (None, "all"):
+        mine = None
+        if platform is None:
+            from qdoctor.facts import collect
+
+            mine = verified.platform_key(collect(deep=False, timeout=30))
+        chosen = [mine] if mine in known else known
+    elif platform in known:
+        chosen = [platform]
+    else:
+        have = ", ".join(known) or "none"
+        raise UsageError(f"nothing verified on platform {platform!r} (verified: {have})")
+    docs = [verified.load(p) for p in chosen]
+    if fmt == "json":
+        out(json.dumps(docs, indent=1) + "\n")
+        return
+    out("\n".join(verified.render_table(d, fmt) for d in docs if d) or "nothing verified yet\n")
 
 
 @cli.command("rules")

@@ -74,5 +74,5 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     probe_dicts = [r.to_dict() for r in results]
     emit_report("smoke", findings, facts, fmt, verbose, extra={"device": dev, "probes": probe_dicts},
                 text_footer=["Probes on " + dev + ":", *("  " + ln for ln in text_table(results)), ""],
-                md_sections=[markdown_table(results)])
+                md_sections=[markdown_table(results)], strict=strict)
     sys.exit(exit_code(findings, strict))
