@@ -1,4 +1,4 @@
-"""Command line: `qdoctor check | smoke | train | explain | rules`.
+"""Command line: `qdoctor check | smoke | train | explain | report | matrix | rules`.
 
 Exit codes (a contract for CI): 0 no error finding; 1 at least one error finding (also warnings
 under --strict); 2 qdoctor was used wrongly (bad flag, unreadable input); 3 qdoctor itself failed.
@@ -58,7 +58,8 @@ class LazyGroup(click.Group):
     """`smoke`, `train` and `explain` live in their own modules and are imported only when invoked, so
     that `qdoctor check` does not pay for them at start-up."""
 
-    lazy = {"smoke": "qdoctor.smoke.cli", "train": "qdoctor.train.cli", "explain": "qdoctor.explain"}
+    lazy = {"smoke": "qdoctor.smoke.cli", "train": "qdoctor.train.cli", "explain": "qdoctor.explain",
+            "report": "qdoctor.bugreport"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
@@ -79,7 +80,8 @@ def cli():
 
 @cli.command()
 @click.option("--facts", "facts_file", type=str, default=None,
-              help="Judge a saved snapshot (a --json output or a facts object) instead of this machine.")
+              help="Judge a saved snapshot (a --json output, a facts object, or a `qdoctor report` "
+                   "markdown file) instead of this machine.")
 @click.option("--deep", is_flag=True,
               help="Also import torch and bitsandbytes in a child process (slower; result cached).")
 @click.option("--refresh", is_flag=True, help="With --deep: ignore the cached result, run the child again.")
