@@ -41,6 +41,9 @@ def format_options(f):
     f = click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")(f)
     f = click.option("--select", default=None, help="Only these codes/prefixes (QD3,QD401).")(f)
     f = click.option("--ignore", default=None, help="Drop these codes or prefixes, comma-separated.")(f)
+    f = click.option("--also", "also", multiple=True, metavar="FORMAT=FILE",
+                     help="Also write the same run in another format to FILE (repeatable): "
+                          "json=check.json, markdown=summary.md, junit=report.xml.")(f)
     return f
 
 
@@ -94,7 +97,7 @@ def cli():
                    "or the Hugging Face cache; nothing is downloaded).")
 @format_options
 def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, verbose, strict, select,
-          ignore):
+          ignore, also):
     """Observe this machine, judge it against the matrix, print findings with fixes."""
     from qdoctor import matrix
     from qdoctor.facts.schema import FactsError, load_file
@@ -103,6 +106,7 @@ def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, v
     from qdoctor.rules import judge
 
     fmt = resolve_format(as_json, fmt)
+    also = also_option(also)
     if facts_file and deep:
         raise click.UsageError("--deep observes this machine; it cannot be combined with --facts")
     if facts_file:
@@ -125,7 +129,7 @@ def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, v
             raise UsageError(str(e)) from None
     findings = judge(facts, matrix.load())
     findings = select_findings(findings, codes_option(select), codes_option(ignore))
-    emit_report("check", findings, facts, fmt, verbose, strict=strict)
+    emit_report("check", findings, facts, fmt, verbose, strict=strict, also=also)
     if save_facts:
         write_facts(save_facts, facts)
     sys.exit(exit_code(findings, strict))
@@ -140,27 +144,55 @@ def write_facts(path: str, facts: dict) -> None:
     write_text(path, json.dumps(redact_obj(facts), indent=2, default=str) + "\n")
 
 
-def emit_report(command, findings, facts, fmt, verbose, extra=None, text_footer=None, md_sections=None,
-                header=None, strict=False):
+ALSO_FORMATS = ("text", "json", "markdown", "junit", "github")
+
+
+def also_option(values) -> list[tuple[str, str]]:
+    """`--also json=check.json` -> [("json", "check.json")]: more formats of the same run, into files."""
+    pairs = []
+    for v in values or ():
+        fmt, sep, path = v.partition("=")
+        if not sep or fmt not in ALSO_FORMATS or not path:
+            raise UsageError(f"--also {v}: expected FORMAT=FILE with FORMAT one of {', '.join(ALSO_FORMATS)}")
+        pairs.append((fmt, path))
+    return pairs
+
+
+def render_report(command, findings, facts, fmt, verbose, extra=None, text_footer=None, md_sections=None,
+                  header=None, strict=False) -> str:
     from qdoctor import report
     from qdoctor.redact import redact_obj
 
     if fmt == "junit":
         from qdoctor.formats.junit import render_junit
 
-        out(render_junit(findings, command, probes=(extra or {}).get("probes"), strict=strict))
-    elif fmt == "github":
+        return render_junit(findings, command, probes=(extra or {}).get("probes"), strict=strict)
+    if fmt == "github":
         from qdoctor.formats.github import render_github
 
-        out(render_github(findings, command))
-    elif fmt == "json":
-        out(report.render_json(findings, redact_obj(facts) if facts is not None else None, command, extra))
-    elif fmt == "markdown":
-        out(report.render_markdown(findings, redact_obj(facts) if facts is not None else None, command,
-                                   md_sections))
-    else:
-        head = header or f"qdoctor {command} {__version__}"
-        out(report.render_text(findings, verbose=verbose, header=head, footer=text_footer))
+        return render_github(findings, command)
+    if fmt == "json":
+        return report.render_json(findings, redact_obj(facts) if facts is not None else None, command, extra)
+    if fmt == "markdown":
+        return report.render_markdown(findings, redact_obj(facts) if facts is not None else None, command,
+                                      md_sections)
+    head = header or f"qdoctor {command} {__version__}"
+    return report.render_text(findings, verbose=verbose, header=head, footer=text_footer)
+
+
+def emit_report(command, findings, facts, fmt, verbose, extra=None, text_footer=None, md_sections=None,
+                header=None, strict=False, also=()):
+    """Print the report in `fmt`, and write each `--also FORMAT=FILE` (redacted like everything printed)."""
+    args = (command, findings, facts)
+    kw = dict(extra=extra, text_footer=text_footer, md_sections=md_sections, header=header, strict=strict)
+    out(render_report(*args, fmt, verbose, **kw))
+    for other, path in also:
+        from qdoctor.atomic import write_text
+
+        try:
+            write_text(path, redact(render_report(*args, other, verbose, **kw)))
+        except OSError as e:
+            raise UsageError(f"--also {other}={path}: cannot write: {e.strerror or e}") from None
 
 
 @cli.command("matrix")

@@ -6,7 +6,15 @@ import sys
 
 import click
 
-from qdoctor.cli import UsageError, codes_option, emit_report, format_options, out, resolve_format
+from qdoctor.cli import (
+    UsageError,
+    also_option,
+    codes_option,
+    emit_report,
+    format_options,
+    out,
+    resolve_format,
+)
 
 
 def _progress(enabled: bool):
@@ -39,7 +47,7 @@ def _progress(enabled: bool):
               help="Fault injection for tests: probe=abort|hang|wrong|raise, comma-separated.")
 @format_options
 def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_json, fmt, verbose, strict,
-          select, ignore):
+          select, ignore, also):
     """Prove the QLoRA path works here: small real probes, each in its own process."""
     from qdoctor import matrix
     from qdoctor.facts import collect
@@ -51,6 +59,7 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     from qdoctor.smoke.view import markdown_table, text_table
 
     fmt = resolve_format(as_json, fmt)
+    also = also_option(also)
     try:  # usage errors before any slow work
         select_probes(list(probes))
         if inject:
@@ -74,5 +83,5 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     probe_dicts = [r.to_dict() for r in results]
     emit_report("smoke", findings, facts, fmt, verbose, extra={"device": dev, "probes": probe_dicts},
                 text_footer=["Probes on " + dev + ":", *("  " + ln for ln in text_table(results)), ""],
-                md_sections=[markdown_table(results)], strict=strict)
+                md_sections=[markdown_table(results)], strict=strict, also=also)
     sys.exit(exit_code(findings, strict))
