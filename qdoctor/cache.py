@@ -16,6 +16,8 @@ import os
 import threading
 import time
 
+from qdoctor import strict_json
+
 VERSION = 1  # bump to orphan every old entry when a cached format changes
 
 FINGERPRINT_ENV = ("CUDA_VISIBLE_DEVICES", "BNB_CUDA_VERSION", "BNB_ROCM_VERSION", "LD_LIBRARY_PATH")
@@ -70,7 +72,7 @@ def store(kind: str, key: str, obj) -> bool:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"key": key, "stored_at": time.time(), "value": obj}, fh, default=str)
+            fh.write(strict_json.dumps({"key": key, "stored_at": time.time(), "value": obj}))
         os.replace(tmp, path)
         return True
     except (OSError, TypeError, ValueError):

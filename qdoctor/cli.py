@@ -136,12 +136,11 @@ def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, v
 
 
 def write_facts(path: str, facts: dict) -> None:
-    import json
-
+    from qdoctor import strict_json
     from qdoctor.atomic import write_text
     from qdoctor.redact import redact_obj
 
-    write_text(path, json.dumps(redact_obj(facts), indent=2, default=str) + "\n")
+    write_text(path, strict_json.dumps(redact_obj(facts), indent=2) + "\n")
 
 
 ALSO_FORMATS = ("text", "json", "markdown", "junit", "github")

@@ -6,10 +6,9 @@ CLI, so nothing a renderer writes can leak a secret.
 
 from __future__ import annotations
 
-import json
 import sys
 
-from qdoctor import __version__
+from qdoctor import __version__, strict_json
 from qdoctor.findings import Finding, rank, root_code, worst
 from qdoctor.ruleref import url
 
@@ -169,7 +168,7 @@ def render_json(findings: list[Finding], facts: dict | None, command: str, extra
     }
     if extra:
         doc.update(extra)
-    return json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n"
+    return strict_json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
 
 def render_markdown(findings: list[Finding], facts: dict | None, command: str,
@@ -198,5 +197,5 @@ def render_markdown(findings: list[Finding], facts: dict | None, command: str,
         lines += ["", s]
     if facts is not None:
         lines += ["", "<details><summary>facts</summary>", "", "```json",
-                  json.dumps(facts, indent=2, default=str), "```", "", "</details>"]
+                  strict_json.dumps(facts, indent=2), "```", "", "</details>"]
     return "\n".join(lines) + "\n"

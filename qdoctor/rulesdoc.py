@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
+# a sentence ends at ". " before a capital, a backtick or a quote, unless the word is an abbreviation
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\betc)(?<!\bcf)\.\s+(?=[A-Z`\"'(\[])")
+
+
+def first_sentence(doc: str | None) -> str:
+    """The first sentence of a description, whole: docstrings wrap lines mid-sentence, and a listing that
+    cuts at a line end or a character count leaves the reader half a rule."""
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    m = _SENTENCE_END.search(para)
+    return para[: m.start() + 1] if m else para
+
 
 def other_codes() -> list[tuple[str, str, str, str]]:
     """(code, slug, area, description) of the codes that probes and training emit."""
@@ -64,8 +77,7 @@ def render_rules(rules, fmt: str = "text") -> str:
     width = max((len(", ".join(r.codes)) for r in rules), default=5)
     lines = []
     for r in rules:
-        first = (r.doc.splitlines() or [""])[0]
-        lines.append(f"{', '.join(r.codes):<{width}}  {r.slug:<34} {r.area:<13} {first}")
+        lines.append(f"{', '.join(r.codes):<{width}}  {r.slug:<34} {r.area:<13} {first_sentence(r.doc)}")
     for c, slug, area, doc in extra:
-        lines.append(f"{c:<{width}}  {slug:<34} {area:<13} {doc.split('. ')[0][:100]}")
+        lines.append(f"{c:<{width}}  {slug:<34} {area:<13} {first_sentence(doc)}")
     return "\n".join(lines) + "\n"

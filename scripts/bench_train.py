@@ -207,10 +207,10 @@ def worker(a) -> None:
             traceback.print_exc()
             err = repr(e)[:300]
         rec = {"contender": "qdoctor", "variant": variant, "bs": bs, "seq": seq, "packed": packed,
-               "plan_fused_loss": plan.v("fused_loss"), "plan_compile": plan.v("compile"),
+               "plan_fused_loss": plan.fused_loss.value, "plan_compile": plan.compile.value,
                "load_s": round(load_s, 1),
-               "plan_estimate_gib": round(plan.memory["estimate"]["total_gib"], 2),
-               "plan_checkpointing": plan.v("gradient_checkpointing"),
+               "plan_estimate_gib": round(plan.memory.estimate.total_gib, 2),
+               "plan_checkpointing": plan.gradient_checkpointing.value,
                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         if err is None:
             rec.update({"tok_s": round(bs * seq * a.steps / dt), "step_s": round(dt / a.steps, 4),

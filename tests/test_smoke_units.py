@@ -306,3 +306,13 @@ def test_mixed_gpus_are_not_patched(monkeypatch):
     with pytest.raises(RuntimeError, match="differ"), capability_from_nvml():
         pass
     assert torch.cuda.get_device_capability is real
+
+
+def test_failures_name_the_key_of_each_failed_criterion():
+    """train's plan reads which criteria failed as keys, not by parsing the lines written for people."""
+    mx = matrix.load()
+    m = {**NF4_OK, "nf4_dq_rel_err": 0.9, "fp4_rel_err": float("nan")}
+    fails = verdict.failures("nf4", m, mx["smoke_bands"])
+    assert sorted(k for k, _ in fails) == ["fp4_rel_err", "nf4_dq_rel_err"]
+    assert [line for _, line in fails] == verdict.judge("nf4", m, mx["smoke_bands"])
+    assert all(line.startswith(k) for k, line in fails)

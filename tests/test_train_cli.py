@@ -76,6 +76,11 @@ def test_default_run_writes_a_loadable_adapter_and_the_loss_falls(tmp_path, pf):
     ):
         assert (out / f).is_file(), f
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 12
+    for f in [*out.glob("*.json"), *out.glob("checkpoint/*.json")]:  # strict JSON everywhere
+        json.loads(f.read_text(), parse_constant=pytest.fail)
+    assert s["data"]["records"] == 600 and s["data"]["dropped"] == 0 and s["skipped_steps"] == 0
+    assert s["plan"]["seq_len"]["value"] == 256  # the embedded model's positions, not the default 1024
+    assert s["final_loss_note"] == "mean of the last 5 steps"
     assert "step 12/12" in r.stderr and "tok/s" in r.stderr and "ETA" in r.stderr
     assert not list(out.glob(".*tmp*"))
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -94,25 +99,41 @@ def test_default_run_writes_a_loadable_adapter_and_the_loss_falls(tmp_path, pf):
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, pf, monkeypatch):
+    import shlex
+
+    import torch
+
+    from qdoctor.train.model import assets_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_bytes((assets_dir() / "instructions.jsonl").read_bytes())
     a, b = tmp_path / "a", tmp_path / "b"
-    assert invoke("--output", str(a), *FAST).exit_code == 0
+    assert invoke("--output", str(a), "--data", str(tmp_path / "d.jsonl"), *FAST).exit_code == 0
     monkeypatch.setenv("QDOCTOR_TEST_STOP_AFTER", "3")  # same code path as Ctrl-C after step 3
-    r = invoke("--output", str(b), *FAST)
+    r = invoke("--output", "b", "--data", "d.jsonl", *FAST)  # relative paths this time
     assert r.exit_code == 130 and "--resume" in r.stderr
     assert json.loads((b / "checkpoint" / "state.json").read_text())["step"] == 3
     monkeypatch.delenv("QDOCTOR_TEST_STOP_AFTER")
-    r = invoke("--output", str(b), "--resume", *FAST)
+    hint = shlex.split(r.stderr.split("continue with:")[1].strip().splitlines()[0])
+    assert hint[:2] == ["qdoctor", "train"] and str(tmp_path / "d.jsonl") in hint  # absolute now: same data
+    r = invoke(*hint[2:])  # the printed command, pasted as is
     assert r.exit_code == 0, r.output
     assert "resuming from step 3" in r.stderr
     ta, tb = adapter_tensors(a / "adapter"), adapter_tensors(b / "adapter")
-    import torch
-
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.allclose(ta[k], tb[k], atol=1e-6), k
     la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, abs=1e-5)
+    # the completed run is extended by a larger --max-steps, with a new micro-batch (honoured)
+    i = hint.index("--max-steps")
+    r = invoke(*hint[2 : i + 1], "8", *hint[i + 2 :], "--micro-batch", "2")
+    assert r.exit_code == 0, r.output
+    assert "micro-batch 2 (the checkpoint ran 8)" in r.stderr
+    mb = [json.loads(x)["micro_batch"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert mb == [8] * 6 + [2, 2]
+    assert json.loads((b / "run.json").read_text())["max_steps"] == 8
 
 
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path, pf):
@@ -224,7 +245,9 @@ def test_output_dir_holding_another_run_is_refused(tmp_path, pf):
     assert r.exit_code == 2 and "holds no qdoctor run" in r.stderr
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    """SIGTERM (CI runners, schedulers, `docker stop`) as Ctrl-C; SIGINT goes through the same handler
+    (test_train_guards: test_sigint_and_sigterm_save_a_checkpoint_and_stop)."""
     out = tmp_path / "sig"
     env = dict(os.environ, QDOCTOR_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
@@ -254,14 +277,86 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
             (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2
         ):
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, stderr[-2000:]
-    assert "Traceback" not in stderr and "checkpoint saved" in stderr
+    assert "Traceback" not in stderr and "interrupted (SIGTERM)" in stderr and "checkpoint saved" in stderr
+    assert f"--output {out} --resume" in stderr
     st = json.loads((out / "checkpoint" / "state.json").read_text())
     assert st["step"] >= 2 and (out / "checkpoint" / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     assert not list(out.glob(".checkpoint.tmp-*"))
+
+
+@pytest.fixture
+def no_preflight(monkeypatch):
+    """For refusals that must come before pre-flight (which takes ~10-25 s on a real machine)."""
+
+    def boom(*a, **kw):
+        raise AssertionError("pre-flight ran before the input was refused")
+
+    monkeypatch.setattr(preflight, "run", boom)
+
+
+def test_refusals_come_before_preflight_and_write_nothing(tmp_path, no_preflight):
+    from qdoctor.train import rundir
+
+    out = tmp_path / "o"
+    done = tmp_path / "done"
+    (done / "checkpoint").mkdir(parents=True)
+    (done / "run.json").write_text('{"identity": {}}')
+    (done / "checkpoint" / "state.json").write_text('{"step": 5}')
+    busy = tmp_path / "busy"
+    lock = rundir.Lock(busy)
+    cases = [
+        (["--micro-batch", "32", "--max-steps", "3"], out, "micro_batch 32 is larger than batch_size 16"),
+        (["--micro-batch", "3", "--batch-size", "8"], out, "2 sequences of every step would be skipped"),
+        (["--seq-len", "4096", "--packing"], out, "max_position_embeddings 256"),
+        (["--resume"], tmp_path / "typo", "does not exist"),
+        (["--resume", "--max-steps", "3"], done, "below the 5 steps"),
+        ([], busy, f"in use by another qdoctor train (pid {os.getpid()})"),
+        (["--resume", "--max-steps", "9"], done, "holds a different run (differs in batch_size, data_sha256"),
+    ]
+    try:
+        for args, output, needle in cases:
+            r = invoke("--output", str(output), *args)
+            assert r.exit_code == 2 and needle in r.stderr, (args, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1
+    finally:
+        lock.release()
+    assert not out.exists() and not (tmp_path / "typo").exists()
+    assert sorted(p.name for p in busy.iterdir()) == [".qdoctor.lock"]
+
+
+def test_model_and_disk_errors_are_exit_2_and_a_retry_is_not_refused(tmp_path, pf, monkeypatch):
+    import transformers
+
+    from qdoctor.train import checkpoint
+
+    out = tmp_path / "o"
+
+    def corrupt(*a, **kw):
+        raise OSError("Unable to load weights from model.safetensors: header too large")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoModelForCausalLM, "from_pretrained", corrupt)
+        r = invoke("--output", str(out), "--max-steps", "3", "--batch-size", "4", "--save-every", "1")
+    assert r.exit_code == 2 and "cannot load the weights" in r.stderr and "header too large" in r.stderr
+    assert "Traceback" not in r.output and not out.exists()  # nothing written: the retry is not refused
+    real, calls = checkpoint.save, []
+
+    def disk_fills(*a, **kw):  # what torch.save raised on a full tmpfs here
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 275520 vs 275472")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(checkpoint, "save", disk_fills)
+    r = invoke("--output", str(out), "--max-steps", "3", "--batch-size", "4", "--save-every", "1")
+    assert r.exit_code == 2, r.output
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("qdoctor: error: cannot write to") and "checkpoint of step 1 is intact" in last
+    assert last.endswith("--resume") and "internal error" not in r.stderr

@@ -34,38 +34,38 @@ def _with(facts, **packages):
 
 def test_h200_with_liger_and_triton_gets_fused_loss_and_compiled_layers():
     p = _plan(_with(_facts("h200-cu130.json"), **{"liger-kernel": "0.8.5"}))
-    assert p.v("fused_loss") == "liger" and p.v("compile") is True
+    assert p.fused_loss.value == "liger" and p.compile.value is True
     assert "logits" in p.fused_loss.reason and "torch.compile" in p.compile.reason
     # the estimate follows the fused path: no logits term
-    assert p.memory["estimate"]["logits_gib"] == 0
+    assert p.memory.estimate.logits_gib == 0
 
 
 def test_without_liger_the_plan_says_how_to_get_it_and_keeps_compile():
     p = _plan(_facts("h200-cu130.json"))
-    assert p.v("fused_loss") == "none" and "pip install liger-kernel" in p.fused_loss.reason
-    assert p.v("compile") is True and p.memory["estimate"]["logits_gib"] > 0
+    assert p.fused_loss.value == "none" and "pip install liger-kernel" in p.fused_loss.reason
+    assert p.compile.value is True and p.memory.estimate.logits_gib > 0
 
 
 def test_cpu_small_models_no_compiler_and_unmeasured_modes_fall_back_with_a_reason():
     cpu = _plan(_facts("cpu-ci-machine.json"))
-    assert cpu.v("fused_loss") == "none" and cpu.v("compile") is False and "CPU" in cpu.compile.reason
+    assert cpu.fused_loss.value == "none" and cpu.compile.value is False and "CPU" in cpu.compile.reason
     gpu = _with(_facts("h200-cu130.json"), **{"liger-kernel": "0.8.5"})
     tiny = _plan(gpu, embedded=True)
-    assert tiny.v("compile") is False and "small" in tiny.compile.reason
+    assert tiny.compile.value is False and "small" in tiny.compile.reason
     nocc = json.loads(json.dumps(gpu))
     nocc["platform"]["c_compiler"] = None
-    assert "C compiler" in _plan(nocc).compile.reason and _plan(nocc).v("compile") is False
+    assert "C compiler" in _plan(nocc).compile.reason and _plan(nocc).compile.value is False
     fp16 = _plan(gpu, TrainConfig(dtype="fp16"))
-    assert fp16.v("compile") is False and "measured only" in fp16.compile.reason
+    assert fp16.compile.value is False and "measured only" in fp16.compile.reason
     other = _plan(gpu, model_type="gpt2")
-    assert other.v("fused_loss") == "none" and "gpt2" in other.fused_loss.reason
+    assert other.fused_loss.value == "none" and "gpt2" in other.fused_loss.reason
 
 
 def test_explicit_choices_win_and_an_impossible_one_says_why():
     gpu = _facts("h200-cu130.json")  # no liger installed
     p = _plan(gpu, TrainConfig(fused_loss="liger", compile="off"))
-    assert p.v("fused_loss") == "none" and p.fused_loss.reason.startswith("liger asked for, but")
-    assert p.v("compile") is False and p.compile.reason == "set by you"
+    assert p.fused_loss.value == "none" and p.fused_loss.reason.startswith("liger asked for, but")
+    assert p.compile.value is False and p.compile.reason == "set by you"
 
 
 def test_liger_missing_reads_the_facts_not_this_interpreter():
@@ -98,7 +98,7 @@ def test_fused_compiled_path_matches_the_plain_path_on_the_gpu(tmp_path):
         tc = TrainConfig(model=str(tmp_path / "m"), device="cuda:0", dtype="bf16", quantization="nf4",
                          fused_loss=fused, compile=comp, lora_dropout=0.0)
         plan = _plan(facts, tc, shape=memory.shape_from_config(cfg))
-        assert plan.v("fused_loss") == fused and plan.v("compile") is (comp == "on")
+        assert plan.fused_loss.value == fused and plan.compile.value is (comp == "on")
         model, _ = M.load_for_training(M.resolve(str(tmp_path / "m")), plan, 0)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss

@@ -25,7 +25,8 @@ class ProbeResult:
     peak_cuda_mib: float | None = None  # torch.cuda.max_memory_allocated on CUDA
     measurements: dict = field(default_factory=dict)
     reason: str | None = None  # one line: why it failed or was skipped
-    failed_checks: list[str] = field(default_factory=list)
+    failed_checks: list[str] = field(default_factory=list)  # one line each, for people
+    failed_keys: list[str] = field(default_factory=list)  # the measurement keys they judged, for programs
     error: str | None = None  # redacted tail of the exception / stderr
     finding: dict | None = None  # the matched known failure {code, slug, title, fix, source}
 

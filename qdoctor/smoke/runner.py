@@ -199,7 +199,9 @@ def build_result(probe: str, raw: dict, matrix: dict) -> ProbeResult:
     elif payload.get("skip"):
         r.status, r.reason = "skip", payload["skip"]
     else:
-        r.failed_checks = verdict.judge(probe, m, matrix.get("smoke_bands", {}))
+        fails = verdict.failures(probe, m, matrix.get("smoke_bands", {}))
+        r.failed_checks = [line for _, line in fails]
+        r.failed_keys = [key for key, _ in fails]
         if r.failed_checks:
             more = len(r.failed_checks) - 1
             r.status = "fail"

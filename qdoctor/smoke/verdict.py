@@ -17,6 +17,12 @@ def _fmt(v) -> str:
 
 def judge(probe: str, measurements: dict, bands: dict) -> list[str]:
     """The failed criteria, each as one line; [] means the numbers pass. Unmeasured keys are not judged."""
+    return [line for _, line in failures(probe, measurements, bands)]
+
+
+def failures(probe: str, measurements: dict, bands: dict) -> list[tuple[str, str]]:
+    """(measurement key, one line) per failed criterion: the key for programs (train's plan), the line for
+    people."""
     failed = []
     for c in criteria_for(probe, bands):
         key = c["key"]
@@ -26,10 +32,10 @@ def judge(probe: str, measurements: dict, bands: dict) -> list[str]:
         why = c.get("why", key)
         if "expect" in c:
             if v != c["expect"]:
-                failed.append(f"{key} = {_fmt(v)}, expected {_fmt(c['expect'])} ({why})")
+                failed.append((key, f"{key} = {_fmt(v)}, expected {_fmt(c['expect'])} ({why})"))
             continue
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
-            failed.append(f"{key} = {_fmt(v)} is not a number ({why})")
+            failed.append((key, f"{key} = {_fmt(v)} is not a number ({why})"))
             continue
         lo, hi = c.get("min"), c.get("max")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
@@ -38,5 +44,5 @@ def judge(probe: str, measurements: dict, bands: dict) -> list[str]:
             else:
                 band = f">= {_fmt(lo)}" if lo is not None else f"<= {_fmt(hi)}"
             side = "too low" if lo is not None and v < lo else "too high"
-            failed.append(f"{key} = {_fmt(v)} {side}, expected {band} ({why})")
+            failed.append((key, f"{key} = {_fmt(v)} {side}, expected {band} ({why})"))
     return failed

@@ -1,29 +1,33 @@
-"""`qdoctor train`: pre-flight -> plan -> run. With no --model/--data it trains the embedded tiny Llama.
+"""`qdoctor train`: validate -> pre-flight -> plan -> run. With no --model/--data: the embedded tiny Llama.
 
-Exit codes: 0 done (or --dry-run); 1 refused by an error finding, or stopped with a diagnosis (NaN loss,
-out of memory at micro-batch 1); 2 bad input (one line, nothing written); 130 interrupted (checkpoint saved).
+Exit codes: 0 done (or --dry-run); 1 refused by an error finding, or stopped with a diagnosis (NaN loss or
+gradients, out of memory at micro-batch 1); 2 bad input, a model that does not load, an output that cannot be
+written (one line; nothing written before the model loads); 130 interrupted by SIGINT or SIGTERM (checkpoint
+saved, and a command that continues the run).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from qdoctor.redact import redact
+from qdoctor.train.config import CHOICES, DEFAULT_BATCH, DEFAULT_SEQ_LEN
+
+if TYPE_CHECKING:  # the modules load lazily: `qdoctor train --help` and bad input stay fast
+    from qdoctor.train.config import TrainConfig
+    from qdoctor.train.plan import Plan
+    from qdoctor.train.preflight import Preflight
+    from qdoctor.train.setup import Setup
 
 EXIT_FINDINGS, EXIT_USAGE = 1, 2  # the same contract as qdoctor.cli (imported lazily there: no cycle)
 
-EMBEDDED_DATA = "qdoctor/instructions.jsonl"
-
-
-class BadInput(Exception):
-    pass
 
 
 def out(text: str, err: bool = False) -> None:
@@ -36,70 +40,120 @@ def _fail(msg: str, code: int = EXIT_USAGE):
     sys.exit(code)
 
 
-def _opt(*names, **kw):
+def _opt(*names, default_text: str | None = None, **kw):
+    """A flag that defaults to "not set" (the TOML file, else the plan, decides); --help shows the default."""
+    if default_text:
+        kw["help"] = (kw.get("help", "") + f"  [default: {default_text}]").strip()
     return click.option(*names, default=None, **kw)
 
 
-@click.command("train")
+def _choice(name: str) -> str:
+    return "[" + "|".join(CHOICES[name]) + "]"
+
+
+EPILOG = """\b
+Every flag is also a key of the --config TOML file, with underscores (in a
+[train] table or at the top level; a flag on the command line wins), e.g.:
+  [train]
+  model = "./my-model"
+  data = "train.jsonl"
+  max_steps = 500
+  lora_alpha = 32
+  gradient_checkpointing = "on"
+
+\b
+Runs go to ./runs/<model>-<date>-<time>/ unless --output is given: run.json,
+plan.json, metrics.jsonl (a line per step), checkpoint/, summary.json,
+loss.png, and adapter/ once the run completes. --resume continues a run from
+its checkpoint with the same settings: --max-steps may grow (the warmup stays
+as planned) and --micro-batch may change (the loss is normalised by label
+tokens: the same gradient, LoRA dropout drawing its masks in another order).
+Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input
+(nothing written), 130 interrupted (checkpoint saved).
+"""
+
+
+@click.command("train", epilog=EPILOG)
 @_opt(
     "--config",
     "config_file",
     type=str,
+    metavar="FILE",
     help="TOML file with the same keys as the flags (a [train] table or top level).",
 )
-@_opt(
-    "--model",
-    help="Local Hugging Face model directory, or a hub id when online. Default: the embedded tiny Llama.",
-)
-@click.option(
-    "--trust-remote-code",
-    is_flag=True,
-    default=None,
-    help="Allow a model that needs its own Python code (auto_map) to run it. Off by default.",
-)
-@_opt("--data", help="JSONL with text, prompt/completion or messages. Default: the embedded instruction set.")
-@_opt("--output", help="Run directory (default: runs/<model>-<time>).")
-@_opt("--max-steps", type=int, help="Optimizer steps.")
-@_opt("--seed", type=int)
-@_opt("--lr", type=float)
-@_opt("--lora-r", type=int)
-@_opt("--micro-batch", type=int)
-@_opt("--grad-accum", type=int)
-@_opt("--batch-size", type=int, help="Effective batch (sequences per optimizer step).")
-@_opt("--seq-len", type=int)
-@_opt("--eval-every", type=int)
-@_opt("--save-every", type=int)
-@_opt("--device", help="cpu, cuda or cuda:N (default: the GPU when one works).")
-@_opt("--dtype", help="auto, bf16, fp16 or fp32.")
-@_opt("--optimizer", help="auto, paged_adamw_8bit, adamw_8bit, cpu_adamw or adamw.")
-@_opt("--target-modules", help="Comma-separated LoRA targets (default all-linear).")
-@click.option("--packing/--no-packing", default=None, help="Pack examples into full sequences.")
+@_opt("--model", default_text="the embedded tiny Llama",
+      help="Local Hugging Face model directory, or a hub id when online.")
+@click.option("--trust-remote-code", is_flag=True, default=None,
+              help="Allow a model that needs its own Python code (auto_map) to run it.  [default: off]")
+@_opt("--data", default_text="the embedded instruction set",
+      help='JSONL, one record a line: {"text"}, {"prompt", "completion"} or {"messages": [...]}.')
+@_opt("--output", metavar="DIR", default_text="runs/<model>-<date>-<time>", help="Run directory.")
+@_opt("--max-steps", type=int, default_text="one epoch; 60 for the embedded model", help="Optimizer steps.")
+@_opt("--seed", type=int, default_text="0", help="Seeds LoRA init, data order and dropout.")
+@_opt("--lr", type=float, default_text="2e-4 (1e-4 above 20B params; 3e-3 embedded)", help="Learning rate.")
+@_opt("--warmup-steps", type=int, default_text="3% of max-steps", help="Linear warm-up, then constant.")
+@_opt("--lora-r", type=int, default_text="16", help="LoRA rank.")
+@_opt("--lora-alpha", type=int, default_text="2 x lora-r", help="LoRA scaling numerator.")
+@_opt("--lora-dropout", type=float, default_text="0.05")
+@_opt("--target-modules", default_text="all-linear", help="Comma-separated LoRA targets.")
+@_opt("--batch-size", type=int, default_text=str(DEFAULT_BATCH), help="Effective batch: sequences per step.")
+@_opt("--micro-batch", type=int, default_text="largest that fits memory",
+      help="Sequences per forward pass; must divide --batch-size.")
+@_opt("--grad-accum", type=int, default_text="batch-size / micro-batch", help="Micro-batches per step.")
+@_opt("--seq-len", type=int, default_text=f"{DEFAULT_SEQ_LEN}, or the model's max positions if fewer",
+      help="Tokens per sequence; longer records are cut (and counted).")
+@click.option("--packing/--no-packing", default=None,
+              help="Pack examples into full --seq-len sequences.  [default: off]")
+@_opt("--weight-decay", type=float, default_text="0")
+@_opt("--max-grad-norm", type=float, default_text="0.3", help="Gradient clipping.")
+@_opt("--eval-fraction", type=float, default_text="0.1", help="Share of records held out for evaluation.")
+@_opt("--eval-every", type=int, default_text="five evaluations a run", help="Steps between evaluations.")
+@_opt("--save-every", type=int, default_text="four checkpoints a run", help="Steps between checkpoints.")
+@_opt("--log-every", type=int, default_text="about ten lines a run",
+      help="Steps between progress lines when stderr is not a terminal.")
+@_opt("--device", metavar="cpu|cuda|cuda:N", default_text="the GPU when one works, else cpu")
+@_opt("--dtype", metavar=_choice("dtype"), default_text="auto: bf16, fp16 or fp32 by GPU")
+@_opt("--quantization", metavar=_choice("quantization"), default_text="auto: nf4 when its probes pass")
+@_opt("--optimizer", metavar=_choice("optimizer"), default_text="auto: by probes and memory")
+@_opt("--gradient-checkpointing", metavar=_choice("gradient_checkpointing"),
+      default_text="auto: on when activations do not fit")
+@_opt("--attention", metavar=_choice("attention"), default_text="auto: sdpa")
+@_opt("--fused-loss", metavar=_choice("fused_loss"), default_text="auto: liger-kernel where it is installed",
+      help="Fused linear + cross-entropy: the logits are never materialised.")
+@_opt("--compile", metavar=_choice("compile"), default_text="auto: on GPUs where it was measured faster",
+      help="torch.compile each decoder layer.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the memory estimate, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary (or plan) on stdout.")
 @click.option("--force", is_flag=True, help="Start even when pre-flight finds an error.")
 @click.option("--skip-probes", is_flag=True, help="Plan from facts alone (no probe child processes).")
-def train(config_file, resume, dry_run, as_json, force, skip_probes, target_modules, **flags):
+@click.pass_context
+def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target_modules, **flags):
     """Fine-tune with QLoRA using settings this machine is known to handle, each with its reason."""
     from qdoctor.train import config as C
     from qdoctor.train.checkpoint import CheckpointError
     from qdoctor.train.data import DataError
     from qdoctor.train.model import ModelError
+    from qdoctor.train.rundir import RunDirError
+    from qdoctor.train.setup import identity, prepare
 
     t_start = time.perf_counter()
     if target_modules is not None:
         flags["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()] or ""
     try:
         cfg = C.build(C.load_toml(config_file) if config_file else None, flags)
-        setup = _setup(cfg, resume)
-    except (C.ConfigError, DataError, ModelError, BadInput, CheckpointError) as e:
+        setup = prepare(cfg, resume)
+    except (C.ConfigError, DataError, ModelError, RunDirError, CheckpointError) as e:
         _fail(str(e))
+    for note in setup.data_notes:
+        out(f"note: {note}\n", err=True)
     from qdoctor.smoke.runner import ProbeUsageError
     from qdoctor.train import plan as P
-    from qdoctor.train import preflight
+    from qdoctor.train import preflight, rundir
 
     try:
-        pf = preflight.run(cfg.device, skip_probes=skip_probes)
+        pf = preflight.run(cfg.device, skip_probes=skip_probes,
+                           progress=lambda m: out(f"pre-flight: {m}\n", err=True))
     except ProbeUsageError as e:
         _fail(str(e))
     for note in pf.notes:
@@ -122,159 +176,126 @@ def train(config_file, resume, dry_run, as_json, force, skip_probes, target_modu
         cfg,
         pf.facts,
         pf.probes,
-        shape=setup["shape"],
-        model_name=setup["src"].name,
-        embedded=setup["src"].embedded,
-        n_train=len(setup["ds"].train),
-        max_len=setup["ds"].max_len,
-        model_type=setup["model_type"],
+        shape=setup.shape,
+        model_name=setup.src.name,
+        embedded=setup.src.embedded,
+        n_train=len(setup.ds.train),
+        max_len=setup.ds.max_len,
+        max_positions=setup.max_positions,
+        resumed=setup.previous,
+        model_type=setup.model_type,
     )
     if dry_run:
         out(plan.to_json() + "\n" if as_json else plan.render())
         sys.exit(0)
-    ident = _identity(cfg, plan, setup)
+    ident = identity(cfg, plan, setup)
     try:
-        _check_identity(setup["output"], ident, resume)
-    except BadInput as e:
+        if setup.previous:
+            rundir.check_identity(setup.output, setup.previous, ident)
+    except RunDirError as e:
         _fail(str(e))
     out(plan.render(), err=True)
-    code = _run(cfg, plan, setup, pf, ident, resume, as_json, t_start)
+    hint = resume_command(ctx, setup.output)
+    try:
+        code = _run(cfg, plan, setup, pf, ident, resume, as_json, t_start, hint)
+    except (ModelError, RunDirError) as e:
+        _fail(str(e))
+    except Exception as e:  # the disk filled up, or the output turned read-only: bad input, not a bug
+        why = rundir.write_failure(e)
+        if why is None:
+            raise
+        step = rundir.checkpoint_step(setup.output)
+        kept = f"; the checkpoint of step {step} is intact; free space, then: {hint}" if step else ""
+        _fail(f"cannot write to {setup.output}: {why}{kept}")
     sys.exit(code)
 
 
-def _setup(cfg, resume: bool) -> dict:
-    """Every input validated before anything is written."""
-    from qdoctor.train import data as D
-    from qdoctor.train import memory
+def resume_command(ctx: click.Context, output: Path) -> str:
+    """The command that continues this run, pasted as printed: every option given on the command line
+    (paths made absolute, so it works from any directory), then --output and --resume."""
+    from click.core import ParameterSource
+
+    words = ["qdoctor", "train"]
+    for p in ctx.command.params:
+        if p.name in ("resume", "dry_run", "output") or not isinstance(p, click.Option):
+            continue
+        if ctx.get_parameter_source(p.name) != ParameterSource.COMMANDLINE:
+            continue
+        v = ctx.params[p.name]
+        if p.is_flag and p.secondary_opts:
+            words.append(p.opts[0] if v else p.secondary_opts[0])
+        elif p.is_flag:
+            if v:
+                words.append(p.opts[0])
+        elif v is not None:
+            if p.name in ("config_file", "model", "data") and Path(str(v)).expanduser().exists():
+                v = str(Path(str(v)).expanduser().absolute())
+            words += [p.opts[0], str(v)]
+    words += ["--output", str(Path(output).absolute()), "--resume"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _run(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, ident: dict, resume: bool, as_json: bool,
+         t_start: float, hint: str) -> int:
+    """Load the model, then lock the run directory, write the run record and train."""
+    from qdoctor.atomic import write_text
+    from qdoctor.train import checkpoint, rundir
     from qdoctor.train import model as M
 
-    src = M.resolve(cfg.model, cfg.trust_remote_code)
-    if resume and not cfg.output:
-        raise BadInput("--resume needs --output DIR (the run to continue)")
-    tok = M.load_tokenizer(src)
-    mcfg = M.load_config(src)
-    skel = M.meta_model(mcfg, src.trust_remote_code)
-    M.check_targets(cfg.target_modules, skel, src.name)
-    data_path = cfg.data or str(M.assets_dir() / "instructions.jsonl")
-    rows = D.read_jsonl(data_path)
-    ds = D.build(
-        rows,
-        tok,
-        seq_len=cfg.seq_len,
-        eval_fraction=cfg.eval_fraction,
-        seed=cfg.seed,
-        packing=cfg.packing,
-        source=cfg.data or EMBEDDED_DATA,
-    )
-    output = (
-        Path(cfg.output)
-        if cfg.output
-        else Path("runs") / (Path(src.name).name + time.strftime("-%Y%m%d-%H%M%S"))
-    )
-    _check_output(output, resume)
-    if resume:
-        from qdoctor.train import checkpoint
-
-        if checkpoint.exists(output):  # a pickle, a damaged or a foreign checkpoint: refused before writing
-            checkpoint.verify(output)
-    data_hash = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()[:16]
-    return {
-        "src": src,
-        "tok": tok,
-        "ds": ds,
-        "shape": memory.shape_from_config(mcfg),
-        "model_type": getattr(mcfg, "model_type", None),
-        "output": output,
-        "data_name": cfg.data or EMBEDDED_DATA,
-        "data_hash": data_hash,
-    }
-
-
-def _check_output(output: Path, resume: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise BadInput(f"output {output} exists and is not a directory")
-    if not output.exists() or not any(output.iterdir()):
-        return
-    if not (output / "run.json").is_file():
-        raise BadInput(
-            f"output directory {output} is not empty and holds no qdoctor run; choose a fresh --output"
-        )
-    if not resume:
-        raise BadInput(
-            f"output directory {output} already holds a run; add --resume to continue it or choose a "
-            "fresh --output"
-        )
-
-
-def _identity(cfg, plan, setup) -> dict:
-    return {
-        "model": setup["src"].name,
-        "data": setup["data_name"],
-        "data_sha256": setup["data_hash"],
-        "seed": cfg.seed,
-        "lr": plan.v("lr"),
-        "lora": plan.v("lora"),
-        "batch_size": plan.v("batch_size"),
-        "seq_len": cfg.seq_len,
-        "packing": cfg.packing,
-        "warmup_steps": plan.v("warmup_steps"),
-        "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm,
-        "eval_fraction": cfg.eval_fraction,
-        "quantization": plan.v("quantization"),
-        "optimizer": plan.v("optimizer"),
-    }
-
-
-def _check_identity(output: Path, ident: dict, resume: bool) -> None:
-    f = output / "run.json"
-    if not (resume and f.is_file()):
-        return
+    output: Path = setup.output
+    # the model loads before anything is written: a bad model leaves no run behind to refuse a retry
+    model, base_path = M.load_for_training(setup.src, plan, cfg.seed)
+    lock = rundir.Lock(output)
     try:
-        old = json.loads(f.read_text()).get("identity", {})
-    except (OSError, ValueError):
-        raise BadInput(f"{f} is unreadable; choose a fresh --output") from None
-    diff = [k for k in sorted(set(old) | set(ident)) if json.dumps(old.get(k)) != json.dumps(ident.get(k))]
-    if diff:
-        raise BadInput(
-            f"output directory {output} holds a different run (differs in {', '.join(diff)}); resume "
-            "it with the same settings or choose a fresh --output"
+        previous = rundir.check(output, resume, locked=True)  # again, now that no one else can write here
+        if previous:
+            rundir.check_identity(output, previous, ident)
+        checkpoint.clean_temp(output)
+        rundir.write_record(
+            output,
+            ident,
+            max_steps=plan.max_steps.value,
+            created=(previous or {}).get("created") or time.time(),
+            model=setup.src.name if not setup.src.path else str(Path(setup.src.path).resolve()),
+            data=setup.data_path,
         )
+        write_text(output / "plan.json", plan.to_json() + "\n")
+        return _train(cfg, plan, setup, pf, resume, as_json, t_start, hint, model, base_path)
+    finally:
+        lock.release()
 
 
-def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start) -> int:
+def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bool, as_json: bool,
+           t_start: float, hint: str, model, base_path: str) -> int:
     import torch
 
+    from qdoctor import strict_json
     from qdoctor.atomic import write_text
     from qdoctor.train import checkpoint, loop, optim, summary
     from qdoctor.train import model as M
 
-    output: Path = setup["output"]
-    output.mkdir(parents=True, exist_ok=True)
-    checkpoint.clean_temp(output)
-    write_text(output / "run.json", json.dumps({"identity": ident, "created": time.time()}, indent=2) + "\n")
-    write_text(output / "plan.json", plan.to_json() + "\n")
-    model, base_path = M.load_for_training(setup["src"], plan, cfg.seed)
-    opt = optim.build(plan.v("optimizer"), model.parameters(), plan.v("lr"), cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.schedule(plan.v("warmup_steps")))
-    dev = plan.v("device")
-    scaler = torch.amp.GradScaler(dev.split(":")[0], enabled=plan.v("loss_scaling"))
-    tok = setup["tok"]
+    output: Path = setup.output
+    opt = optim.build(plan.optimizer.value, model.parameters(), plan.lr.value, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.schedule(plan.warmup_steps.value))
+    dev = plan.device.value
+    scaler = torch.amp.GradScaler(dev.split(":")[0], enabled=plan.loss_scaling.value)
+    tok = setup.tok
     run = loop.Run(
         model,
         opt,
         sched,
         scaler,
-        setup["ds"].train,
-        setup["ds"].eval,
+        setup.ds.train,
+        setup.ds.eval,
         plan,
         output,
         cfg.seed,
         tok.pad_token_id,
         dev,
-        getattr(torch, M.TORCH_DTYPES[plan.v("dtype")]),
+        getattr(torch, M.TORCH_DTYPES[plan.dtype.value]),
         log=lambda m: out(f"note: {m}\n", err=True),
-        micro=plan.v("micro_batch"),
+        micro=plan.micro_batch.value,
+        log_every=cfg.log_every,
     )
     run.stop_after = _test_stop_after()
     first_eval = None
@@ -283,29 +304,32 @@ def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start) -> int:
             st = checkpoint.load(output, model, opt, sched, scaler)
         except checkpoint.CheckpointError as e:
             _fail(str(e))
-        run.step, run.micro, run.tokens, run.elapsed = (
-            st["step"],
-            st["micro_batch"],
-            st["tokens"],
-            st["elapsed_s"],
-        )
+        run.step, run.tokens, run.elapsed = st["step"], st["tokens"], st["elapsed_s"]
+        if cfg.micro_batch is None:
+            run.micro = st["micro_batch"]  # as saved: it may have backed off after an out-of-memory
+        elif cfg.micro_batch != st["micro_batch"]:
+            out(f"note: micro-batch {cfg.micro_batch} (the checkpoint ran {st['micro_batch']}): the loss is "
+                "normalised by label tokens, so the gradient is the same (dropout masks are drawn in "
+                "another order)\n", err=True)
         run.history = loop.truncate_metrics(output, run.step)
+        run.skipped = sum(1 for h in run.history if h.get("skipped"))
         first_eval = _first_eval(output)
-        out(f"note: resuming from step {run.step} (checkpoint in {output / 'checkpoint'})\n", err=True)
+        out(f"note: resuming from step {run.step} of {plan.max_steps.value} (checkpoint in "
+            f"{output / 'checkpoint'})\n", err=True)
     else:
         if resume:
             out(f"note: {output} has no checkpoint yet: starting at step 0\n", err=True)
         loop.truncate_metrics(output, 0)
         first_eval = loop.evaluate(run)
-        write_text(output / "eval0.json", json.dumps({"eval_loss": first_eval}) + "\n")
+        write_text(output / "eval0.json", strict_json.dumps({"eval_loss": first_eval}) + "\n")
     status, code = "completed", 0
     try:
         loop.fit(run, loop.progress_bar())
     except loop.Interrupted as e:
         status, code = "interrupted", 130
         out(
-            f"\nqdoctor: interrupted at step {e.step}: checkpoint saved in {output / 'checkpoint'}; continue "
-            f"with: qdoctor train --output {output} --resume\n",
+            f"\nqdoctor: interrupted ({e.signame}) at step {e.step}: checkpoint saved in "
+            f"{output / 'checkpoint'}; continue with:\n  {hint}\n",
             err=True,
         )
     except loop.StopRun as e:
@@ -325,17 +349,20 @@ def _run(cfg, plan, setup, pf, ident, resume, as_json, t_start) -> int:
         output=output,
         adapter_dir=adapter,
         first_eval=first_eval,
+        data=setup.ds.to_dict(),
     )
     summary.write(output, summ)
     summary.plot(output, run.history)
     if as_json:
-        out(json.dumps(summ, indent=2, default=str) + "\n")
+        out(strict_json.dumps(summ, indent=2) + "\n")
     else:
         out(_human(summ))
     return code
 
 
 def _first_eval(output: Path):
+    import json
+
     try:
         return json.loads((output / "eval0.json").read_text())["eval_loss"]
     except (OSError, ValueError, KeyError):
@@ -359,14 +386,16 @@ def _human(s: dict) -> str:
     def f(x):
         return "n/a" if x is None else f"{x:.4f}"
 
-    return (
-        f"{s['status']}: {s['steps']} steps, loss {f(s['first_loss'])} -> {f(s['final_loss'])}, held-out "
-        f"{f(s['first_eval_loss'])} -> {f(s['final_eval_loss'])}, {s['tokens_per_s'] or 0:,.0f} tok/s, "
-        f"{s['wall_time_s']:.1f} s wall\n"
-        f"adapter: {s['adapter'] or 'not written yet (the run did not complete; see checkpoint/)'}\n"
-        f"summary: {s['output']}/summary.json, "
-        f"curve: {s['output']}/loss.png\n"
-    )
+    lines = [
+        f"{s['status']}: {s['steps']} steps, train loss {f(s['first_loss'])} at step 1 -> "
+        f"{f(s['final_loss'])} ({s['final_loss_note']}), held-out {f(s['first_eval_loss'])} -> "
+        f"{f(s['final_eval_loss'])}, {s['tokens_per_s'] or 0:,.0f} tok/s, {s['wall_time_s']:.1f} s wall"
+    ]
+    if s.get("skipped_steps"):
+        lines.append(f"skipped: {s['skipped_steps']} steps with a non-finite gradient norm (nothing applied)")
+    lines.append(f"adapter: {s['adapter'] or 'not written yet (the run did not complete; see checkpoint/)'}")
+    lines.append(f"summary: {s['output']}/summary.json, curve: {s['output']}/loss.png")
+    return "\n".join(lines) + "\n"
 
 
 def _test_stop_after():

@@ -11,4 +11,8 @@ CODES = {
               "Out of memory even after halving the micro-batch down to 1 (each halving doubles the "
               "accumulation, keeping the effective batch): turn on gradient checkpointing, shorten "
               "sequences, or use the CPU-held optimizer."),
+    "QD804": ("gradient-not-finite", "error",
+              "The gradient norm was NaN or inf: each such step is skipped (nothing applied; counted in the "
+              "summary and marked in metrics.jsonl), and a few in a row stop the run. A checkpoint is never "
+              "written from non-finite weights, so the last one can be resumed with a lower learning rate."),
 }

@@ -36,7 +36,7 @@ class TrainConfig:
     batch_size: int | None = None  # effective batch (sequences per optimizer step)
     micro_batch: int | None = None
     grad_accum: int | None = None
-    seq_len: int = 1024
+    seq_len: int | None = None  # None = DEFAULT_SEQ_LEN, or the model's max_position_embeddings if fewer
     packing: bool = False
     warmup_steps: int | None = None
     weight_decay: float = 0.0
@@ -52,11 +52,14 @@ class TrainConfig:
     attention: str = "auto"  # auto | sdpa | eager
     fused_loss: str = "auto"  # auto | liger | none: fused linear + cross-entropy (never materialises logits)
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
-    log_every: int = 1
+    log_every: int | None = None  # progress line every N steps off a terminal; None = about ten a run
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+DEFAULT_BATCH = 16  # sequences per optimizer step (QLoRA's OASST1 run)
+DEFAULT_SEQ_LEN = 1024
 
 CHOICES = {
     "dtype": ("auto", "bf16", "fp16", "fp32"),
@@ -133,16 +136,56 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"config key 'device': {cfg.device!r} is not cpu, cuda or cuda:N")
     if isinstance(cfg.target_modules, list) and not cfg.target_modules:
         raise ConfigError("config key 'target_modules': must not be empty")
-    if (
-        cfg.micro_batch
-        and cfg.grad_accum
-        and cfg.batch_size
-        and cfg.micro_batch * cfg.grad_accum != cfg.batch_size
-    ):
-        raise ConfigError(
-            "config key 'batch_size': must equal micro_batch * grad_accum when all three are set"
-        )
+    batch_split(cfg)
     return cfg
+
+
+def batch_split(cfg: TrainConfig) -> tuple[int, int | None, int | None]:
+    """(effective batch, micro-batch, accumulation) as far as the config fixes them; a split that would skip
+    examples or leave a step empty is refused. Every optimizer step then sees exactly `batch` sequences."""
+    mb, acc = cfg.micro_batch, cfg.grad_accum
+    if cfg.batch_size:
+        batch, src = cfg.batch_size, f"batch_size {cfg.batch_size}"
+    elif mb and acc:
+        batch, src = mb * acc, None
+    else:
+        batch, src = DEFAULT_BATCH, f"batch_size {DEFAULT_BATCH} (the default)"
+    if mb and acc and mb * acc != batch:
+        raise ConfigError(
+            f"micro_batch {mb} x grad_accum {acc} = {mb * acc} sequences, but {src}: set two of the three"
+        )
+    if mb and mb > batch:
+        raise ConfigError(
+            f"micro_batch {mb} is larger than {src}: a step would hold no full micro-batch; set "
+            f"--batch-size {mb} (or a multiple) or a micro-batch that divides {batch}"
+        )
+    if mb and batch % mb:
+        raise ConfigError(
+            f"micro_batch {mb} does not divide {src}: {batch % mb} sequences of every step would be skipped; "
+            f"use a micro-batch among {', '.join(str(d) for d in range(1, batch + 1) if batch % d == 0)}"
+        )
+    if acc and batch % acc:
+        raise ConfigError(f"grad_accum {acc} does not divide {src}: micro-batches would be uneven")
+    if acc and not mb:
+        mb = batch // acc
+    if mb and not acc:
+        acc = batch // mb
+    return batch, mb, acc
+
+
+def resolve_seq_len(cfg: TrainConfig, max_positions: int | None) -> tuple[int, str]:
+    """(tokens per sequence, why). Longer than the model's positions is refused when set, capped when not."""
+    if cfg.seq_len is not None:
+        if max_positions and cfg.seq_len > max_positions:
+            raise ConfigError(
+                f"seq_len {cfg.seq_len} is longer than the model's max_position_embeddings "
+                f"{max_positions}: positions past it were never trained; use --seq-len {max_positions} "
+                "or less"
+            )
+        return cfg.seq_len, "set by you"
+    if max_positions and max_positions < DEFAULT_SEQ_LEN:
+        return max_positions, f"the model's max_position_embeddings (below the default {DEFAULT_SEQ_LEN})"
+    return DEFAULT_SEQ_LEN, f"default {DEFAULT_SEQ_LEN} tokens (longer examples are truncated)"
 
 
 def load_toml(path: str) -> dict:
@@ -169,27 +212,3 @@ def build(file_values: dict | None = None, flag_values: dict | None = None) -> T
                 continue
             values[key] = v
     return validate(TrainConfig(**values))
-
-
-# fields that identify a run: a resume must agree on all of these
-IDENTITY = (
-    "model",
-    "data",
-    "seed",
-    "lr",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "seq_len",
-    "packing",
-    "batch_size",
-    "warmup_steps",
-    "weight_decay",
-    "max_grad_norm",
-    "eval_fraction",
-)
-
-
-def identity(cfg: TrainConfig) -> dict:
-    return {k: getattr(cfg, k) for k in IDENTITY}

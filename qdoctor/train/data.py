@@ -2,15 +2,16 @@
 
 Formats, one per line: {"text"} (loss on every token), {"prompt", "completion"} (loss on the completion
 only; with the tokenizer's chat template when it has one, else plain concatenation), {"messages": [...]}
-(chat template; loss on the last assistant turn). Batch order is a pure function of (seed, step), so a
-resumed run sees exactly the batches the uninterrupted run would have seen.
+(chat template; loss on the last assistant turn; turns after it are left out; a record with no assistant
+turn is refused: it has nothing to learn, and usually means other role names). Batch order is a pure
+function of (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IGNORE = -100
@@ -52,6 +53,11 @@ def read_jsonl(path: str) -> list[dict]:
                 f'dataset {path} line {n}: needs "text", "prompt"+"completion" or "messages" '
                 f"(got keys: {', '.join(sorted(obj)) or 'none'})"
             )
+        if "text" not in obj and "prompt" not in obj and last_assistant(obj["messages"]) is None:
+            roles = ", ".join(dict.fromkeys(m["role"] for m in obj["messages"]))
+            raise DataError(
+                f'dataset {path} line {n}: messages have no "assistant" turn to learn (roles: {roles})'
+            )
         obj["_line"] = n
         rows.append(obj)
     if not rows:
@@ -70,6 +76,11 @@ def _valid_messages(m) -> bool:
     )
 
 
+def last_assistant(msgs: list[dict]) -> int | None:
+    """Index of the last assistant turn (0 is a valid index), None when there is none."""
+    return max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+
+
 def encode(row: dict, tok) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with prompt positions set to IGNORE."""
     eos = tok.eos_token or ""
@@ -78,21 +89,20 @@ def encode(row: dict, tok) -> tuple[list[int], list[int]]:
         ids = tok(row["text"] + eos, add_special_tokens=False)["input_ids"]
         return ids, list(ids)
     if "messages" in row and _valid_messages(row["messages"]):
-        msgs = row["messages"]
+        last = last_assistant(row["messages"])
+        if last is None:
+            raise DataError(f"line {row.get('_line', '?')}: messages have no assistant turn")
+        msgs = row["messages"][: last + 1]  # the loss is on the last assistant turn; nothing after it
         if has_template:
             full = tok.apply_chat_template(msgs, tokenize=False)
-            last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
             prompt = (
                 tok.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
                 if last
-                else ""
+                else _opening_prompt(tok, full)
             )
         else:
             full = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + eos
-            last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-            prompt = (
-                "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:last]) + "assistant: " if last else ""
-            )
+            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:last]) + "assistant: "
         return _split(tok, prompt, full)
     prompt, completion = row["prompt"], row["completion"]
     if has_template:
@@ -107,6 +117,17 @@ def encode(row: dict, tok) -> tuple[list[int], list[int]]:
     return _split(tok, prompt, prompt + completion + eos)
 
 
+def _opening_prompt(tok, full: str) -> str:
+    """The text before the first turn's content when the assistant speaks first: templates refuse an
+    empty conversation, so the assistant header is found as what `add_generation_prompt` appends."""
+    probe = [{"role": "user", "content": ""}]
+    with_header = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    without = tok.apply_chat_template(probe, tokenize=False)
+    header = with_header[len(without):] if with_header.startswith(without) else ""
+    at = full.find(header) if header else -1
+    return full[: at + len(header)] if at >= 0 else ""
+
+
 def _split(tok, prompt: str, full: str) -> tuple[list[int], list[int]]:
     ids = tok(full, add_special_tokens=False)["input_ids"]
     n = len(tok(prompt, add_special_tokens=False)["input_ids"]) if prompt and full.startswith(prompt) else 0
@@ -118,7 +139,43 @@ class Dataset:
     train: list[tuple[list[int], list[int]]]
     eval: list[tuple[list[int], list[int]]]
     max_len: int
-    n_dropped: int = 0
+    n_records: int = 0
+    dropped_lines: list[int] = field(default_factory=list)  # nothing to learn within seq_len
+    truncated_lines: list[int] = field(default_factory=list)  # cut to seq_len tokens
+    seq_len: int = 0
+    longest: int = 0  # tokens in the longest record before truncation
+
+    def notes(self) -> list[str]:
+        """What the data preparation changed, for stderr and the summary: never silent."""
+        out = []
+        if self.dropped_lines:
+            out.append(
+                f"{len(self.dropped_lines)} of {self.n_records} records dropped: no token to learn within "
+                f"seq_len {self.seq_len} (empty text, or a prompt that fills it; lines "
+                f"{_lines(self.dropped_lines)})"
+            )
+        if self.truncated_lines:
+            out.append(
+                f"{len(self.truncated_lines)} of {self.n_records} records cut to seq_len {self.seq_len} "
+                f"tokens (the longest has {self.longest}; lines {_lines(self.truncated_lines)})"
+            )
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "records": self.n_records,
+            "train_sequences": len(self.train),
+            "eval_sequences": len(self.eval),
+            "seq_len": self.seq_len,
+            "dropped": len(self.dropped_lines),
+            "dropped_lines": self.dropped_lines[:100],
+            "truncated": len(self.truncated_lines),
+            "truncated_lines": self.truncated_lines[:100],
+        }
+
+
+def _lines(lines: list[int], n: int = 5) -> str:
+    return ", ".join(map(str, lines[:n])) + (f" and {len(lines) - n} more" if len(lines) > n else "")
 
 
 def build(
@@ -131,12 +188,15 @@ def build(
     packing: bool,
     source: str = "dataset",
 ) -> Dataset:
-    examples, dropped = [], 0
+    examples, dropped, truncated, longest = [], [], [], 0
     for r in rows:
         ids, labels = encode(r, tok)
-        ids, labels = ids[:seq_len], labels[:seq_len]
+        longest = max(longest, len(ids))
+        if len(ids) > seq_len:
+            ids, labels = ids[:seq_len], labels[:seq_len]
+            truncated.append(r.get("_line", 0))
         if not any(x != IGNORE for x in labels[1:]):
-            dropped += 1  # nothing to learn once truncated
+            dropped.append(r.get("_line", 0))  # nothing to learn (once truncated)
             continue
         examples.append((ids, labels))
     if not examples:
@@ -148,7 +208,9 @@ def build(
     tr = [examples[i] for i in order[n_eval:]]
     if packing:
         tr = pack(tr, seq_len)
-    return Dataset(tr, ev, max(len(x[0]) for x in tr), dropped)
+    gone = set(dropped)
+    truncated = [n for n in truncated if n not in gone]
+    return Dataset(tr, ev, max(len(x[0]) for x in tr), len(rows), dropped, truncated, seq_len, longest)
 
 
 def pack(examples, seq_len: int):

@@ -2,22 +2,30 @@
 
 setup (cli) -> fit() loops -> evaluate() measures. One optimizer step = `batch` examples split into
 `grad_accum` micro-batches of `micro_batch`; the loss is normalised by the step's label-token count, so
-splitting a step differently (the out-of-memory back-off) gives the same gradient.
+splitting a step differently (the out-of-memory back-off, a new --micro-batch on resume) gives the same
+gradient.
+
+Nothing non-finite reaches the weights or a checkpoint: a step whose gradient norm is NaN or inf is skipped
+(counted, and marked in metrics.jsonl); a few in a row stop the run (QD804); a NaN loss stops it (QD802); and
+a checkpoint is written only when every trainable tensor is finite. SIGINT and SIGTERM both end the run at
+the next step boundary with a checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qdoctor import strict_json
 from qdoctor.findings import Finding
 from qdoctor.train import checkpoint
 from qdoctor.train.data import IGNORE, collate, step_indices
+from qdoctor.train.plan import Plan
 
 
 class StopRun(Exception):
@@ -29,9 +37,15 @@ class StopRun(Exception):
 
 
 class Interrupted(Exception):
-    def __init__(self, step: int):
-        super().__init__(f"interrupted at step {step}")
+    def __init__(self, step: int, signame: str = "SIGINT"):
+        super().__init__(f"interrupted ({signame}) at step {step}")
         self.step = step
+        self.signame = signame
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM")  # Ctrl-C; what CI runners, schedulers and `docker stop` send
+MAX_SKIPS_IN_ROW = 3  # non-finite gradient norms in a row before the run stops
+MAX_SKIPS_IN_ROW_SCALED = 20  # fp16: the loss scaler halves its scale on each; 20 halvings leave 2**-4
 
 
 def is_oom(e: BaseException) -> bool:
@@ -103,6 +117,23 @@ def diagnose_nonfinite(step: int, loss: float, dtype: str, lr: float, last_finit
     )
 
 
+def diagnose_nonfinite_grad(
+    step: int, in_row: int, dtype: str, lr: float, what: str = "gradient norm"
+) -> Finding:
+    """QD804: steps were skipped (nothing applied), the last checkpoint holds finite weights."""
+    fixes = [f"lower the learning rate (--lr {lr / 10:g})", "lower --max-grad-norm"]
+    if dtype == "fp16":
+        fixes.insert(0, "use bf16 where the GPU supports it, else fp32 (fp16 overflows; trl #618)")
+    return Finding(
+        "QD804",
+        "error",
+        f"{what} not finite at step {step} ({in_row} step{'s' if in_row != 1 else ''} in a row skipped)",
+        [f"compute dtype {dtype}, lr {lr:g}", "skipped steps applied nothing; the last checkpoint is finite"],
+        "; or ".join(fixes),
+        "plan",
+    )
+
+
 @dataclass
 class Run:
     model: object
@@ -111,7 +142,7 @@ class Run:
     scaler: object
     train: list
     eval: list
-    plan: object
+    plan: Plan
     output: Path
     seed: int
     pad_id: int
@@ -123,8 +154,11 @@ class Run:
     tokens: int = 0
     elapsed: float = 0.0
     history: list = field(default_factory=list)
-    stop_requested: bool = False
+    stop_requested: str | None = None  # the name of the signal that asked the run to stop
     stop_after: int | None = None  # tests: behave as if Ctrl-C came right after this step
+    skipped: int = 0  # steps skipped for a non-finite gradient norm
+    skipped_in_row: int = 0
+    log_every: int | None = None  # progress line every N steps off a terminal
 
 
 def forward_loss(run: Run, batch: dict, n_label_tokens: int):
@@ -132,16 +166,19 @@ def forward_loss(run: Run, batch: dict, n_label_tokens: int):
 
     batch = {k: v.to(run.device) for k, v in batch.items()}
     with torch.autocast(
-        run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.v("dtype") != "fp32"
+        run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.dtype.value != "fp32"
     ):
         out = run.model(**batch)
     n = int((batch["labels"][:, 1:] != IGNORE).sum())
     return out.loss.float() * (n / n_label_tokens)
 
 
-def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float, int]:
+def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float, float]:
+    """(loss, gradient norm). A non-finite norm means the update was skipped: nothing was applied."""
     import torch
 
+    if micro * accum != len(examples):  # config validation guarantees it: never train a partial step
+        raise AssertionError(f"micro-batch {micro} x {accum} != {len(examples)} examples in the step")
     run.optimizer.zero_grad(set_to_none=True)
     n_label = sum(sum(1 for x in b[1:] if x != IGNORE) for _, b, *_ in examples)
     total = 0.0
@@ -153,11 +190,16 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
         run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)
     params = [p for p in run.model.parameters() if p.requires_grad]
-    gn = torch.nn.utils.clip_grad_norm_(params, run.plan.v("max_grad_norm"))
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
-    return total, float(gn)
+    gn = float(torch.nn.utils.clip_grad_norm_(params, run.plan.max_grad_norm.value))
+    if math.isfinite(gn):
+        run.scaler.step(run.optimizer)
+    else:
+        run.optimizer.zero_grad(set_to_none=True)  # skipped: the NaN/inf gradient never reaches the weights
+    run.scaler.update()  # with fp16 loss scaling, a skipped step lowers the scale
+    with warnings.catch_warnings():  # torch warns when a skipped first step leaves the optimizer unstepped
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()  # the schedule stays a function of the step, skipped or not
+    return total, gn
 
 
 def evaluate(run: Run) -> float | None:
@@ -175,7 +217,22 @@ def evaluate(run: Run) -> float | None:
     return total
 
 
+def nonfinite_params(run: Run) -> list[str]:
+    """Names of trainable tensors holding NaN or inf (LoRA tensors: small, checked before every save)."""
+    import torch
+
+    return [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+
+
 def save_checkpoint(run: Run) -> None:
+    bad = nonfinite_params(run)
+    if bad:
+        raise StopRun(
+            diagnose_nonfinite_grad(
+                run.step, run.skipped_in_row, run.plan.dtype.value, run.scheduler.get_last_lr()[0],
+                what=f"weights ({bad[0]}{' and more' if len(bad) > 1 else ''})",
+            )
+        )
     checkpoint.save(
         run.output,
         run.model,
@@ -187,7 +244,8 @@ def save_checkpoint(run: Run) -> None:
             "micro_batch": run.micro,
             "tokens": run.tokens,
             "elapsed_s": run.elapsed,
-            "examples_seen": run.step * run.plan.v("batch_size"),
+            "examples_seen": run.step * run.plan.batch_size.value,
+            "skipped_steps": run.skipped,
         },
     )
 
@@ -195,24 +253,21 @@ def save_checkpoint(run: Run) -> None:
 def _metric(run: Run, rec: dict) -> None:
     run.history.append(rec)
     with open(run.output / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(rec) + "\n")
+        fh.write(strict_json.dumps(rec) + "\n")
 
 
 def fit(run: Run, progress) -> None:
-    batch, steps = run.plan.v("batch_size"), run.plan.v("max_steps")
-    eval_every, save_every = run.plan.v("eval_every"), run.plan.v("save_every")
+    batch, steps = run.plan.batch_size.value, run.plan.max_steps.value
+    eval_every, save_every = run.plan.eval_every.value, run.plan.save_every.value
+    max_skips = MAX_SKIPS_IN_ROW_SCALED if run.plan.loss_scaling.value else MAX_SKIPS_IN_ROW
     last_finite = None
-    prev = (
-        signal.signal(signal.SIGINT, lambda *_: setattr(run, "stop_requested", True))
-        if _main_thread()
-        else None
-    )
+    prev = _catch_stop_signals(run)
     try:
         run.model.train()
         while run.step < steps:
             if run.stop_requested:
                 save_checkpoint(run)
-                raise Interrupted(run.step)
+                raise Interrupted(run.step, run.stop_requested)
             t0 = time.perf_counter()
             examples = [run.train[i] for i in step_indices(len(run.train), batch, run.step, run.seed)]
             (loss, gnorm), run.micro = with_oom_backoff(
@@ -225,11 +280,14 @@ def fit(run: Run, progress) -> None:
             if not math.isfinite(loss):
                 raise StopRun(
                     diagnose_nonfinite(
-                        run.step + 1, loss, run.plan.v("dtype"), run.scheduler.get_last_lr()[0], last_finite
+                        run.step + 1, loss, run.plan.dtype.value, run.scheduler.get_last_lr()[0], last_finite
                     )
                 )
             last_finite = loss
             run.step += 1
+            skipped = not math.isfinite(gnorm)
+            run.skipped += skipped
+            run.skipped_in_row = run.skipped_in_row + 1 if skipped else 0
             ntok = sum(len(x[0]) for x in examples)
             dt = time.perf_counter() - t0
             run.tokens += ntok
@@ -238,24 +296,44 @@ def fit(run: Run, progress) -> None:
                 "step": run.step,
                 "loss": round(loss, 6),
                 "lr": run.scheduler.get_last_lr()[0],
-                "grad_norm": round(gnorm, 6),
+                "grad_norm": round(gnorm, 6) if not skipped else None,
                 "tokens": ntok,
                 "tokens_per_s": round(ntok / dt, 1),
                 "micro_batch": run.micro,
                 "elapsed_s": round(run.elapsed, 3),
             }
+            if skipped:
+                rec["skipped"] = "gradient norm not finite"
+                run.log(f"step {run.step}: gradient norm {gnorm} is not finite: skipped (nothing applied)")
+                if run.skipped_in_row >= max_skips:
+                    _metric(run, rec)
+                    raise StopRun(
+                        diagnose_nonfinite_grad(
+                            run.step, run.skipped_in_row, run.plan.dtype.value, run.scheduler.get_last_lr()[0]
+                        )
+                    )
             if run.step % eval_every == 0 or run.step == steps:
                 rec["eval_loss"] = evaluate(run)
             _metric(run, rec)
             progress(run, rec)
             if run.step % save_every == 0 and run.step < steps:
                 save_checkpoint(run)
-            if run.stop_after is not None and run.step >= run.stop_after:
-                run.stop_requested = True
+            if run.stop_after is not None and run.step >= run.stop_after and not run.stop_requested:
+                run.stop_requested = "SIGINT"
         save_checkpoint(run)
     finally:
-        if prev is not None:
-            signal.signal(signal.SIGINT, prev)
+        for signum, handler in prev.items():
+            signal.signal(signum, handler)
+
+
+def _catch_stop_signals(run: Run) -> dict:
+    """SIGINT and SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and stops."""
+    if not _main_thread():
+        return {}
+    def ask_stop(signum, _frame):
+        run.stop_requested = signal.Signals(signum).name
+
+    return {getattr(signal, n): signal.signal(getattr(signal, n), ask_stop) for n in STOP_SIGNALS}
 
 
 def _main_thread() -> bool:
@@ -276,6 +354,8 @@ def _free() -> None:
 
 def truncate_metrics(output: Path, step: int) -> list:
     """On resume: drop metric lines written after the checkpoint (they will be produced again)."""
+    import json
+
     path = Path(output) / "metrics.jsonl"
     keep = []
     if path.exists():
@@ -284,21 +364,22 @@ def truncate_metrics(output: Path, step: int) -> list:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("step", 0) <= step:
-                keep.append(rec)
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                keep.append(strict_json.finite(rec))  # lines written before strict JSON may hold a bare NaN
     from qdoctor.atomic import write_text
 
-    write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    write_text(path, "".join(strict_json.dumps(r) + "\n" for r in keep))
     return keep
 
 
 def progress_bar(stream=None):
-    """Loss, tokens/s and ETA on stderr; a carriage-return bar on a terminal, a line every ~10% otherwise."""
+    """Loss, tokens/s and ETA on stderr; a carriage-return bar on a terminal, otherwise a line every
+    `run.log_every` steps (default: about ten a run), at the first and last step and at each evaluation."""
     stream = stream or sys.stderr
     tty = hasattr(stream, "isatty") and stream.isatty()
 
     def show(run: Run, rec: dict) -> None:
-        steps = run.plan.v("max_steps")
+        steps = run.plan.max_steps.value
         rate = run.tokens / run.elapsed if run.elapsed else 0.0
         eta = run.elapsed / max(1, len([h for h in run.history if "loss" in h])) * (steps - run.step)
         eta = min(eta, run.elapsed / max(run.step, 1) * (steps - run.step))
@@ -311,7 +392,7 @@ def progress_bar(stream=None):
         )
         if tty:
             stream.write("\r" + line + ("\n" if run.step == steps else ""))
-        elif run.step == steps or run.step % max(1, steps // 10) == 0 or run.step == 1 or ev:
+        elif run.step in (1, steps) or run.step % (run.log_every or max(1, steps // 10)) == 0 or ev:
             stream.write(line + "\n")
         stream.flush()
 

@@ -123,6 +123,113 @@ def _load_error(src: ModelSource, what: str, e: Exception) -> ModelError:
     return ModelError(f"cannot load the {what} of model {src.name}: {msg[:200]}")
 
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
+
+
+def check_weights(path: str) -> None:
+    """A local model directory holds weights, and every safetensors file is whole: read from the headers
+    alone (milliseconds), so a missing or truncated file is a one-line error before pre-flight, not a crash
+    minutes later."""
+    d = Path(path)
+    files = sorted({f for pat in WEIGHT_FILES for f in d.glob(pat) if f.is_file()})
+    if not files:
+        raise ModelError(
+            f"model directory {path} has a config.json but no weights (model.safetensors or "
+            "pytorch_model.bin)"
+        )
+    for index in d.glob("*.index.json"):
+        try:
+            shards = set((json.loads(index.read_text()).get("weight_map") or {}).values())
+        except (OSError, ValueError, AttributeError):
+            raise ModelError(f"model weight index {index} is not valid JSON") from None
+        missing = sorted(s for s in shards if not (d / s).is_file())
+        if missing:
+            raise ModelError(f"model directory {path} lacks weight shards named in {index.name}: "
+                             f"{', '.join(missing[:3])}")
+    for f in files:
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+
+
+def _check_safetensors(f: Path) -> None:
+    """The header (8-byte length, then JSON) parses and the file is as long as its tensors need."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or not 2 <= n <= min(size - 8, 100 * 2**20):
+                raise ValueError
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ModelError(f"model weights {f} are corrupt (not a safetensors file)") from None
+    if size < 8 + n + end:
+        raise ModelError(
+            f"model weights {f} are truncated ({size:,} bytes; its header needs {8 + n + end:,})"
+        )
+
+
+def fingerprint(src: ModelSource) -> str:
+    """What identifies the base model's math, for resume: the embedded config; a hub id; or a local
+    directory's content (small files whole; large ones by size and their first and last MiB, which differ
+    between any two checkpoints; fast on 100 GB)."""
+    h = hashlib.sha256()
+    if src.embedded:
+        h.update(json.dumps([embedded_config(), EMBEDDED_SEED], sort_keys=True).encode())
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            h.update((assets_dir() / name).read_bytes())
+        return "embedded:" + h.hexdigest()[:16]
+    if src.path is None:
+        return "hub:" + src.name
+    mib = 2**20
+    for f in sorted(Path(src.path).iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.suffix == ".md":
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 16 * mib:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(mib))
+                fh.seek(size - mib)
+                h.update(fh.read(mib))
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def check_causal_lm(config, name: str) -> None:
+    """qdoctor trains decoder-only causal LMs. Encoder models (BERT and kin) also have a causal-LM head class
+    in transformers, but it is meant for `is_decoder=True` configs: from an encoder checkpoint it would train
+    a bidirectional model on next-token loss."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    mtype = getattr(config, "model_type", None) or "?"
+    causal = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update(v if isinstance(v, (list, tuple)) else [v])
+    archs = list(getattr(config, "architectures", None) or [])
+    why = None
+    if getattr(config, "is_encoder_decoder", False):
+        why = f"it is an encoder-decoder model ({mtype})"
+    elif mtype not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        why = f"transformers has no causal-LM class for model type {mtype!r}"
+    elif archs and not any(a in causal for a in archs):
+        why = f"its architecture is {', '.join(archs)} ({mtype})"
+    elif mtype in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        why = f"{mtype} is an encoder (masked LM) and its config does not set is_decoder"
+    if why:
+        raise ModelError(f"model {name} is not a causal language model: {why}; qdoctor trains decoder-only "
+                         "LMs")
+
+
+def max_positions(config) -> int | None:
+    v = getattr(config, "max_position_embeddings", None)
+    return v if isinstance(v, int) and v > 0 else None
+
+
 def embedded_config() -> dict:
     return json.loads((assets_dir() / "tiny-llama.json").read_text())
 
@@ -238,8 +345,8 @@ def load_for_training(src: ModelSource, plan, seed: int):
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*")
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-    dtype = getattr(torch, TORCH_DTYPES[plan.v("dtype")])
-    quant = plan.v("quantization")
+    dtype = getattr(torch, TORCH_DTYPES[plan.dtype.value])
+    quant = plan.quantization.value
     qcfg = None
     if quant == "nf4":
         qcfg = BitsAndBytesConfig(
@@ -251,35 +358,52 @@ def load_for_training(src: ModelSource, plan, seed: int):
     elif quant == "int8":
         qcfg = BitsAndBytesConfig(load_in_8bit=True)
     path = embedded_base_dir() if src.embedded else (src.path or src.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=qcfg,
-        dtype=dtype,
-        device_map={"": plan.v("device")},
-        attn_implementation=plan.v("attention"),
-        trust_remote_code=src.trust_remote_code,
-    )
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=qcfg,
+            dtype=dtype,
+            device_map={"": plan.device.value},
+            attn_implementation=plan.attention.value,
+            output_loading_info=True,
+            trust_remote_code=src.trust_remote_code,
+        )
+    except Exception as e:  # missing/corrupt weights, download or auth failures: bad input, one line
+        if "out of memory" in str(e).lower():
+            raise
+        if "trust_remote_code" in str(e) and not src.trust_remote_code:
+            raise _load_error(src, "model", e) from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelError(
+            f"cannot load the weights of model {src.name}: {type(e).__name__}: {first}"
+        ) from None
+    missing = list((info or {}).get("missing_keys") or [])
+    if missing:  # transformers would initialise them at random and train on that
+        raise ModelError(
+            f"the weights of model {src.name} lack {len(missing)} tensors its config needs (e.g. "
+            f"{sorted(missing)[0]}): they would start from random values"
+        )
     model.config.use_cache = False
-    if str(plan.v("device")) == "cpu":
+    if str(plan.device.value) == "cpu":
         keep_cpu_4bit_layout(model)
-    if qcfg is not None and plan.v("dtype") == "fp16":
+    if qcfg is not None and plan.dtype.value == "fp16":
         # fp16 only: norms and embeddings in fp32 keep loss scaling stable. With bf16 or fp32 compute the
         # upcast only costs memory and time (H200, 1.1B, 8x1024: 25.3 -> 17.2 GiB, bench/results).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if plan.v("gradient_checkpointing"):
+    if plan.gradient_checkpointing.value:
         kw = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         model.enable_input_require_grads()
-    lora = plan.v("lora")
+    lora = plan.lora.value
     torch.manual_seed(seed)
     cfg = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["targets"],
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.targets,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, cfg)
@@ -291,11 +415,9 @@ def apply_speed(model, plan) -> None:
     """The speed means the plan chose (qdoctor.train.speed); each was checked available when planned."""
     from qdoctor.train import speed
 
-    fused = getattr(plan, "fused_loss", None)
-    if fused is not None and fused.value == "liger":
+    if plan.fused_loss.value == "liger":
         speed.apply_liger(model, model.config.model_type, parts=("fused_linear_cross_entropy",))
-    comp = getattr(plan, "compile", None)
-    if comp is not None and comp.value:
+    if plan.compile.value:
         speed.compile_layers(model)
 
 

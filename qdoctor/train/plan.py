@@ -1,91 +1,112 @@
 """Decide every training setting before the first step, each with its reason.
 
 `make_plan` is a pure function of (config, facts, probe results, model shape, dataset size): tests feed it
-recorded machines. The fallback orders (dtype, quantization, optimizer) are data in matrix/plan.toml; this
-module walks them. The loop then executes the plan and never looks at the hardware itself.
+recorded machines. It calls one `choose_*` per decision, in dependency order (device -> dtype and
+quantization -> the memory fit, which picks optimizer, micro-batch and checkpointing together -> the
+schedule). The loop then executes the plan and never looks at the hardware itself.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Generic, TypeVar
 
+from qdoctor import strict_json
 from qdoctor.findings import Finding
 from qdoctor.train import memory
-from qdoctor.train.config import TrainConfig
+from qdoctor.train.config import DEFAULT_BATCH, TrainConfig, batch_split, resolve_seq_len
 
 EMBEDDED_LR, EMBEDDED_STEPS = 3e-3, 60
-DEFAULT_BATCH = 16
 GPU_HEADROOM = 0.85  # of free memory: the CUDA context, allocator fragmentation, the eval batch
 CPU_SHARE = 0.5  # of host RAM: the OS and the data loader keep the rest
 
+T = TypeVar("T")
+
 
 @dataclass
-class Choice:
-    value: object
+class Choice(Generic[T]):
+    value: T
     reason: str
+
+
+@dataclass(frozen=True)
+class Lora:
+    r: int
+    alpha: int
+    dropout: float
+    targets: list[str] | str
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """The estimate the micro-batch, checkpointing and optimizer were fitted to, and the budget."""
+
+    device: str
+    budget_gib: float
+    budget: str  # how the budget was reckoned
+    estimate: memory.Estimate
+    tokens_per_sequence: int
+    params_b: float
+    calibration: str = memory.CALIBRATION_SOURCE
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "budget_gib": round(self.budget_gib, 2), "estimate": self.estimate.to_dict()}
 
 
 @dataclass
 class Plan:
-    model: Choice
-    trust_remote_code: Choice
-    device: Choice
-    dtype: Choice
-    quantization: Choice
-    optimizer: Choice
-    gradient_checkpointing: Choice
-    attention: Choice
-    batch_size: Choice
-    micro_batch: Choice
-    grad_accum: Choice
-    lr: Choice
-    max_steps: Choice
-    warmup_steps: Choice
-    lora: Choice
-    eval_every: Choice
-    save_every: Choice
-    loss_scaling: Choice
-    max_grad_norm: Choice
-    weight_decay: Choice
-    fused_loss: Choice
-    compile: Choice
-    memory: dict = field(default_factory=dict)
-    findings: list = field(default_factory=list)
+    model: Choice[str]
+    trust_remote_code: Choice[bool]
+    device: Choice[str]
+    dtype: Choice[str]  # bf16 | fp16 | fp32
+    quantization: Choice[str]  # nf4 | int8 | none
+    optimizer: Choice[str]
+    gradient_checkpointing: Choice[bool]
+    attention: Choice[str]
+    seq_len: Choice[int]
+    batch_size: Choice[int]
+    micro_batch: Choice[int]
+    grad_accum: Choice[int]
+    lr: Choice[float]
+    max_steps: Choice[int]
+    warmup_steps: Choice[int]
+    lora: Choice[Lora]
+    eval_every: Choice[int]
+    save_every: Choice[int]
+    loss_scaling: Choice[bool]
+    max_grad_norm: Choice[float]
+    weight_decay: Choice[float]
+    fused_loss: Choice[str]  # liger | none
+    compile: Choice[bool]
+    memory: MemoryFit | None = None
+    findings: list[Finding] = field(default_factory=list)
 
-    def v(self, name: str):
-        return getattr(self, name).value
+    def choices(self) -> dict[str, Choice]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("memory", "findings")}
 
     def to_dict(self) -> dict:
-        d = {
-            k: asdict(getattr(self, k)) for k in self.__dataclass_fields__ if k not in ("memory", "findings")
-        }
-        d["memory"] = self.memory
-        d["findings"] = [f.to_dict() if isinstance(f, Finding) else f for f in self.findings]
+        d = {k: asdict(c) for k, c in self.choices().items()}
+        d["memory"] = self.memory.to_dict() if self.memory else {}
+        d["findings"] = [f.to_dict() for f in self.findings]
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)
+        return strict_json.dumps(self.to_dict(), indent=2)
 
     def render(self) -> str:
         lines = ["Plan (every setting, and why):"]
-        for k in self.__dataclass_fields__:
-            if k in ("memory", "findings"):
-                continue
-            c = getattr(self, k)
+        for k, c in self.choices().items():
             lines.append(f"  {k:<22} {_fmt(c.value):<20} {c.reason}")
         m = self.memory
         if m:
-            est = m["estimate"]
+            est = m.estimate
             lines.append(
-                f"Memory estimate on {m['device']}: {est['total_gib']:.2f} GiB peak of {m['budget_gib']:.1f} "
-                f"GiB usable (weights {est['weights_gib']:.2f}, LoRA {est['lora_gib']:.3f}, optimizer "
-                f"{est['optimizer_gib']:.3f}, activations {est['activations_gib']:.2f}, logits "
-                f"{est['logits_gib']:.2f}); model {m['params_b']:.3f}B params; calibrated on "
-                f"{memory.CALIBRATION_SOURCE}"
+                f"Memory estimate on {m.device}: {est.total_gib:.2f} GiB peak of {m.budget_gib:.1f} "
+                f"GiB usable (weights {est.weights_gib:.2f}, LoRA {est.lora_gib:.3f}, optimizer "
+                f"{est.optimizer_gib:.3f}, activations {est.activations_gib:.2f}, logits "
+                f"{est.logits_gib:.2f}); model {m.params_b:.3f}B params; calibrated on {m.calibration}"
             )
-
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code} {f.title}" + (f" -> {f.fix}" if f.fix else ""))
         return "\n".join(lines) + "\n"
@@ -94,25 +115,62 @@ class Plan:
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:g}"
+    if isinstance(v, Lora):
+        v = asdict(v)
     if isinstance(v, dict):
         return ",".join(f"{k}={_fmt(x)}" for k, x in v.items())
     return str(v)
 
 
+# ---- probe results, read as data ----
+
 BROKEN = ("fail", "crash", "timeout")  # probe outcomes the plan routes around
+# the criteria of optim8bit's paged step (matrix/smoke_bands.toml)
+PAGED_KEYS = frozenset({"paged_ok", "paged_state_is_managed", "paged_update_rel_err"})
+
+
+@dataclass(frozen=True)
+class ProbeView:
+    """One probe's result as the plan reads it: status, measurements and the keys of failed criteria."""
+
+    status: str | None = None
+    measurements: dict = field(default_factory=dict)
+    failed_keys: frozenset[str] | None = None  # None: not recorded (a result cached by an older qdoctor)
+
+    @property
+    def broken(self) -> bool:
+        return self.status in BROKEN
+
+
+class Probes:
+    """Probe results (smoke ProbeResult objects or their dicts) by name; a probe not run reads as empty."""
+
+    def __init__(self, probes=None):
+        if isinstance(probes, Probes):
+            self._by_name: dict[str, ProbeView] = probes._by_name
+            return
+        self._by_name = {}
+        for p in probes or []:
+            d = p if isinstance(p, dict) else p.to_dict()
+            keys = d.get("failed_keys")
+            self._by_name[d.get("probe")] = ProbeView(
+                d.get("status"), d.get("measurements") or {}, frozenset(keys) if keys is not None else None
+            )
+
+    def __getitem__(self, name: str) -> ProbeView:
+        return self._by_name.get(name, ProbeView())
+
+    def note(self, name: str) -> str:
+        st = self[name].status
+        return f"{name} probe {st}" if st else f"{name} probe not run"
 
 
 def probe_status(probes, name: str) -> str | None:
-    for p in probes or []:
-        d = p if isinstance(p, dict) else p.to_dict()
-        if d.get("probe") == name:
-            return d.get("status")
-    return None
+    return Probes(probes)[name].status
 
 
 def _probe_note(probes, name: str) -> str:
-    st = probe_status(probes, name)
-    return f"{name} probe {st}" if st else f"{name} probe not run"
+    return Probes(probes).note(name)
 
 
 def _gpu(facts: dict, index: int) -> dict:
@@ -127,6 +185,15 @@ def _cc(gpu: dict) -> float | None:
         return float(gpu.get("compute_capability"))
     except (TypeError, ValueError):
         return None
+
+
+def choose_trust_remote_code(cfg: TrainConfig) -> Choice[bool]:
+    return Choice(
+        cfg.trust_remote_code,
+        "set by you (--trust-remote-code): Python code shipped with the model may run"
+        if cfg.trust_remote_code
+        else "no code shipped with a model runs (a model that needs it is refused)",
+    )
 
 
 def choose_device(cfg: TrainConfig, facts: dict, probes) -> Choice:
@@ -186,44 +253,30 @@ def choose_quantization(cfg, facts, probes) -> Choice:
 
 def _bnb_ok(facts, probes) -> bool:
     bnb = facts.get("bitsandbytes") or {}
-    return not (
-        bnb.get("installed") is False
-        or bnb.get("loads") is False
-        or probe_status(probes, "imports") in BROKEN
-    )
-
-
-def _optim_result(probes) -> dict:
-    for p in probes or []:
-        d = p if isinstance(p, dict) else p.to_dict()
-        if d.get("probe") == "optim8bit":
-            return d
-    return {}
+    loads = bnb.get("installed") is not False and bnb.get("loads") is not False
+    return loads and not Probes(probes)["imports"].broken
 
 
 def _paged_failed(probes) -> bool:
     """The optim8bit probe's paged (managed-memory) step failed; see smoke/probes/optim.py."""
-    m = _optim_result(probes).get("measurements") or {}
+    m = Probes(probes)["optim8bit"].measurements
     return m.get("paged_ok") is False or m.get("paged") == "failed"
 
 
 def _only_paged_failed(probes) -> bool:
     """optim8bit failed on its paged criteria alone: the plain AdamW8bit update passed its bands."""
-    d = _optim_result(probes)
-    checks = d.get("failed_checks") or []
-    return (d.get("status") == "fail" and _paged_failed(probes) and bool(checks)
-            and all(c.startswith("paged") for c in checks))
+    o8 = Probes(probes)["optim8bit"]
+    keys = o8.failed_keys
+    return bool(o8.status == "fail" and _paged_failed(probes) and keys and keys <= PAGED_KEYS)
 
 
-def optimizer_chain(cfg, facts, probes, device: str) -> list[Choice]:
+def optimizer_chain(cfg, facts, probes, device: str) -> list[Choice[str]]:
     """Candidates, best first; the memory fit picks the first that fits."""
     if cfg.optimizer != "auto":
         return [Choice(cfg.optimizer, "set by you")]
     out = []
-    o8 = probe_status(probes, "optim8bit")
-    eightbit_ok = _bnb_ok(facts, probes) and (
-        o8 not in BROKEN or _only_paged_failed(probes)
-    )
+    o8_ok = not Probes(probes)["optim8bit"].broken or _only_paged_failed(probes)
+    eightbit_ok = _bnb_ok(facts, probes) and o8_ok
     note = _probe_note(probes, "optim8bit")
     if device == "cpu":
         if eightbit_ok:
@@ -267,7 +320,7 @@ def _speed_measured() -> str:
     return "H200, 1.1B, 8x1024: 28.5k tok/s lean, 40.4k compiled, 56.4k compiled + fused loss (bench/results)"
 
 
-def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice:
+def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice[str]:
     from qdoctor.train import speed
 
     missing = speed.liger_missing(device, model_type, facts.get("packages"))
@@ -282,7 +335,7 @@ def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice
 
 
 def choose_compile(cfg, facts, device: str, dtype: str, checkpointing: bool, quant: str, shape,
-                   embedded: bool) -> Choice:
+                   embedded: bool) -> Choice[bool]:
     if cfg.compile != "auto":
         return Choice(cfg.compile == "on", "set by you")
     pk = facts.get("packages") or {}
@@ -325,9 +378,8 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
               fused: bool = False):
     """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails."""
     ck_opts = {"auto": (False, True), "on": (True,), "off": (False,)}[cfg.gradient_checkpointing]
-    micros = [cfg.micro_batch] if cfg.micro_batch else _divisors_desc(batch)
-    if cfg.grad_accum and not cfg.micro_batch:
-        micros = [max(1, batch // cfg.grad_accum)]
+    fixed = batch_split(cfg)[1]
+    micros = [fixed] if fixed else _divisors_desc(batch)
     for ck in ck_opts:
         for mb in micros:
             if not ck and cfg.gradient_checkpointing == "auto" and mb < min(batch, 4):
@@ -342,10 +394,164 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 optimizer=optimizer,
                 lora_r=cfg.lora_r,
                 fused_loss=fused,
+                packed=cfg.packing,
             )
             if est.total_gib <= budget:
                 return mb, ck, est
     return None
+
+
+# ---- one decision each ----
+
+
+def choose_batch(cfg: TrainConfig) -> Choice[int]:
+    given = cfg.batch_size or (cfg.micro_batch and cfg.grad_accum)
+    return Choice(batch_split(cfg)[0], "set by you" if given else f"{DEFAULT_BATCH} sequences per step "
+                  "(QLoRA's OASST1 run)")
+
+
+def choose_seq_len(cfg: TrainConfig, max_positions: int | None) -> Choice[int]:
+    return Choice(*resolve_seq_len(cfg, max_positions))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The memory fit: one joint decision of optimizer, micro-batch and checkpointing."""
+
+    optimizer: Choice[str]
+    micro_batch: int
+    checkpointing: bool
+    estimate: memory.Estimate
+    budget_gib: float
+    budget: str
+    fits: bool
+
+
+def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int, tokens: int,
+               fused: bool) -> Fit:
+    """The first optimizer (best first) with a micro-batch that fits the budget; the largest such micro-batch,
+    without checkpointing where that fits. When nothing fits: the best optimizer at micro-batch 1 (or the
+    one set), with `fits` False."""
+    budget, why = _budget_gib(facts, device)
+    chain = optimizer_chain(cfg, facts, probes, device)
+    for opt in chain:
+        fit = fit_batch(shape, cfg, batch=batch, tokens=tokens, quant=quant, dtype=dtype, optimizer=opt.value,
+                        budget=budget, fused=fused)
+        if fit is not None:
+            return Fit(opt, *fit, budget, why, True)
+    mb, ck = batch_split(cfg)[1] or 1, cfg.gradient_checkpointing != "off"
+    est = memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=ck, quantization=quant,
+                          dtype=dtype, optimizer=chain[0].value, lora_r=cfg.lora_r, fused_loss=fused,
+                          packed=cfg.packing)
+    return Fit(chain[0], mb, ck, est, budget, why, False)
+
+
+def memory_finding(fit: Fit, device: str) -> Finding | None:
+    if fit.fits:
+        return None
+    return Finding(
+        "QD801",
+        "warning",
+        f"estimated peak {fit.estimate.total_gib:.1f} GiB exceeds the {fit.budget_gib:.1f} GiB usable on "
+        f"{device}",
+        [fit.budget],
+        "lower --seq-len or --micro-batch, or use a smaller model; on out-of-memory the run halves the "
+        "micro-batch",
+        "plan",
+    )
+
+
+def choose_micro_batch(cfg: TrainConfig, fit: Fit, batch: int) -> Choice[int]:
+    if cfg.micro_batch:
+        why = "set by you"
+    elif cfg.grad_accum:
+        why = f"{batch} / grad_accum {cfg.grad_accum} (set by you)"
+    else:
+        est = fit.estimate.total_gib
+        why = f"largest that fits the estimate ({est:.2f} GiB <= {fit.budget_gib:.1f} GiB: {fit.budget})"
+    return Choice(fit.micro_batch, why)
+
+
+def choose_grad_accum(cfg: TrainConfig, batch: int, micro: int) -> Choice[int]:
+    accum = batch // micro
+    if cfg.grad_accum:
+        return Choice(accum, "set by you")
+    return Choice(accum, f"{batch} / {micro}: {accum} micro-batch{'es' if accum > 1 else ''} of {micro} "
+                  "per step")
+
+
+def choose_checkpointing(cfg: TrainConfig, fit: Fit) -> Choice[bool]:
+    if cfg.gradient_checkpointing != "auto":
+        return Choice(fit.checkpointing, "set by you")
+    if fit.checkpointing:
+        return Choice(True, "activations of a useful micro-batch do not fit without it (non-reentrant)")
+    return Choice(False, "activations fit without it: about 30% faster (H200 measurements)")
+
+
+def choose_attention(cfg: TrainConfig) -> Choice[str]:
+    if cfg.attention != "auto":
+        return Choice(cfg.attention, "set by you")
+    return Choice("sdpa", "torch scaled_dot_product_attention (fused kernels, exact); eager only as a "
+                  "fallback")
+
+
+def choose_lr(cfg: TrainConfig, embedded: bool, shape: memory.Shape) -> Choice[float]:
+    if cfg.lr:
+        return Choice(cfg.lr, "set by you")
+    if embedded:
+        return Choice(EMBEDDED_LR, "embedded tiny random-init model: a large LR shows learning within a "
+                      "minute")
+    if shape.total_params() > 20e9:
+        return Choice(1e-4, "QLoRA paper: 1e-4 for 33B/65B")
+    return Choice(2e-4, "QLoRA paper: 2e-4 up to 13B")
+
+
+def choose_max_steps(cfg: TrainConfig, resumed: dict, embedded: bool, n_train: int, batch: int
+                     ) -> Choice[int]:
+    if cfg.max_steps:
+        return Choice(cfg.max_steps, "set by you")
+    if resumed.get("max_steps"):
+        return Choice(resumed["max_steps"], "the run being resumed")
+    if embedded:
+        return Choice(EMBEDDED_STEPS, "embedded default: enough for the loss to fall clearly, under a "
+                      "minute on CPU")
+    return Choice(max(1, math.ceil(n_train / batch)), f"one epoch of {n_train} training examples")
+
+
+def choose_warmup(cfg: TrainConfig, resumed: dict, steps: int) -> Choice[int]:
+    """Kept from the run being resumed: the automatic 3% would change when --max-steps grows."""
+    prev = (resumed.get("identity") or {}).get("warmup_steps")
+    if cfg.warmup_steps is not None:
+        return Choice(cfg.warmup_steps, "set by you")
+    if isinstance(prev, int):
+        return Choice(prev, "the run being resumed (kept when --max-steps grows)")
+    return Choice(round(0.03 * steps), "3% of the steps, then constant (QLoRA: warmup_ratio 0.03, constant "
+                  "schedule)")
+
+
+def choose_lora(cfg: TrainConfig) -> Choice[Lora]:
+    lora = Lora(cfg.lora_r, cfg.lora_alpha or 2 * cfg.lora_r, cfg.lora_dropout, cfg.target_modules)
+    if cfg.target_modules == "all-linear":
+        return Choice(lora, "LoRA on all linear layers of the blocks (QLoRA §4: needed to match full "
+                      "fine-tuning)")
+    return Choice(lora, "target modules set by you")
+
+
+def choose_eval_every(cfg: TrainConfig, steps: int) -> Choice[int]:
+    return Choice(cfg.eval_every, "set by you") if cfg.eval_every else Choice(max(1, steps // 5), "five "
+                                                                                 "evaluations per run")
+
+
+def choose_save_every(cfg: TrainConfig, steps: int) -> Choice[int]:
+    if cfg.save_every:
+        return Choice(cfg.save_every, "set by you")
+    return Choice(max(1, steps // 4), "a checkpoint every quarter of the run")
+
+
+def choose_loss_scaling(dtype: str) -> Choice[bool]:
+    if dtype == "fp16":
+        return Choice(True, "fp16 needs dynamic loss scaling")
+    return Choice(False, f"not needed with {dtype}")
 
 
 def make_plan(
@@ -358,175 +564,54 @@ def make_plan(
     embedded: bool,
     n_train: int,
     max_len: int | None = None,
+    max_positions: int | None = None,
+    resumed: dict | None = None,
     model_type: str | None = "llama",
 ) -> Plan:
-    findings = []
+    """`resumed`: the run.json record of the run being continued; its max_steps and warmup are kept unless
+    set again, so extending a run with a larger --max-steps leaves its schedule as it was."""
+    probes = Probes(probes)
+    resumed = resumed or {}
     device = choose_device(cfg, facts, probes)
     dtype = choose_dtype(cfg, facts, probes, device.value)
     quant = choose_quantization(cfg, facts, probes)
-    if cfg.micro_batch and cfg.grad_accum:
-        batch = cfg.micro_batch * cfg.grad_accum
-    else:
-        batch = cfg.batch_size or DEFAULT_BATCH
-    batch_c = Choice(
-        batch,
-        "set by you"
-        if cfg.batch_size or (cfg.micro_batch and cfg.grad_accum)
-        else f"{DEFAULT_BATCH} sequences per step (QLoRA's OASST1 run)",
-    )
-    tokens = cfg.seq_len if cfg.packing else min(cfg.seq_len, max_len or cfg.seq_len)
-    budget, budget_why = _budget_gib(facts, device.value)
+    batch = choose_batch(cfg)
+    seq_len = choose_seq_len(cfg, max_positions)
+    tokens = seq_len.value if cfg.packing else min(seq_len.value, max_len or seq_len.value)
     fused = choose_fused_loss(cfg, facts, device.value, model_type)
-    chosen = None
-    for opt in optimizer_chain(cfg, facts, probes, device.value):
-        fit = fit_batch(
-            shape,
-            cfg,
-            batch=batch,
-            tokens=tokens,
-            quant=quant.value,
-            dtype=dtype.value,
-            optimizer=opt.value,
-            budget=budget,
-            fused=fused.value == "liger",
-        )
-        if opt.value == "cpu_adamw" and chosen is None and fit is None:
-            continue
-        if fit is not None:
-            chosen = (opt, fit)
-            break
-    if chosen is None:
-        opt = optimizer_chain(cfg, facts, probes, device.value)[0]
-        mb = cfg.micro_batch or 1
-        est = memory.estimate(
-            shape,
-            micro_batch=mb,
-            seq_len=tokens,
-            checkpointing=cfg.gradient_checkpointing != "off",
-            quantization=quant.value,
-            dtype=dtype.value,
-            optimizer=opt.value,
-            lora_r=cfg.lora_r,
-            fused_loss=fused.value == "liger",
-        )
-        chosen = (opt, (mb, cfg.gradient_checkpointing != "off", est))
-        findings.append(
-            Finding(
-                "QD801",
-                "warning",
-                f"estimated peak {est.total_gib:.1f} GiB exceeds the "
-                f"{budget:.1f} GiB usable on {device.value}",
-                [budget_why],
-                "lower --seq-len or --micro-batch, or use a smaller model; on "
-                "out-of-memory the run halves the micro-batch",
-                "plan",
-            )
-        )
-    opt, (mb, ck, est) = chosen
-    accum = batch // mb
-    mb_why = (
-        "set by you"
-        if cfg.micro_batch
-        else f"largest that fits the estimate ({est.total_gib:.2f} GiB <= {budget:.1f} GiB: {budget_why})"
-    )
-    if cfg.gradient_checkpointing != "auto":
-        ck_why = "set by you"
-    elif ck:
-        ck_why = "activations of a useful micro-batch do not fit without it (non-reentrant)"
-    else:
-        ck_why = "activations fit without it: about 30% faster (H200 measurements)"
-    attention = (
-        Choice(cfg.attention, "set by you")
-        if cfg.attention != "auto"
-        else Choice(
-            "sdpa", "torch scaled_dot_product_attention (fused kernels, exact); eager only as a fallback"
-        )
-    )
-    if cfg.lr:
-        lr = Choice(cfg.lr, "set by you")
-    elif embedded:
-        lr = Choice(EMBEDDED_LR, "embedded tiny random-init model: a large LR shows learning within a minute")
-    elif shape.total_params() > 20e9:
-        lr = Choice(1e-4, "QLoRA paper: 1e-4 for 33B/65B")
-    else:
-        lr = Choice(2e-4, "QLoRA paper: 2e-4 up to 13B")
-    if cfg.max_steps:
-        steps = Choice(cfg.max_steps, "set by you")
-    elif embedded:
-        steps = Choice(
-            EMBEDDED_STEPS, "embedded default: enough for the loss to fall clearly, under a minute on CPU"
-        )
-    else:
-        steps = Choice(max(1, math.ceil(n_train / batch)), f"one epoch of {n_train} training examples")
-    n = steps.value
-    warm = (
-        Choice(cfg.warmup_steps, "set by you")
-        if cfg.warmup_steps is not None
-        else Choice(
-            round(0.03 * n), "3% of the steps, then constant (QLoRA: warmup_ratio 0.03, constant schedule)"
-        )
-    )
-    alpha = cfg.lora_alpha or 2 * cfg.lora_r
-    lora = Choice(
-        {"r": cfg.lora_r, "alpha": alpha, "dropout": cfg.lora_dropout, "targets": cfg.target_modules},
-        "LoRA on all linear layers of the blocks (QLoRA §4: needed to match full fine-tuning)"
-        if cfg.target_modules == "all-linear"
-        else "target modules set by you",
-    )
-    ev = (
-        Choice(cfg.eval_every, "set by you")
-        if cfg.eval_every
-        else Choice(max(1, n // 5), "five evaluations per run")
-    )
-    sv = (
-        Choice(cfg.save_every, "set by you")
-        if cfg.save_every
-        else Choice(max(1, n // 4), "a checkpoint every quarter of the run")
-    )
-    scaling = Choice(
-        dtype.value == "fp16",
-        "fp16 needs dynamic loss scaling" if dtype.value == "fp16" else f"not needed with {dtype.value}",
-    )
-    comp = choose_compile(cfg, facts, device.value, dtype.value, ck, quant.value, shape, embedded)
-    mem = {
-        "device": device.value,
-        "budget_gib": round(budget, 2),
-        "budget": budget_why,
-        "estimate": est.to_dict(),
-        "tokens_per_sequence": tokens,
-        "params_b": shape.total_params() / 1e9,
-        "calibration": memory.CALIBRATION_SOURCE,
-    }
+    fit = fit_memory(cfg, facts, probes, shape, device=device.value, dtype=dtype.value, quant=quant.value,
+                     batch=batch.value, tokens=tokens, fused=fused.value == "liger")
+    micro = choose_micro_batch(cfg, fit, batch.value)
+    ckpt = choose_checkpointing(cfg, fit)
+    steps = choose_max_steps(cfg, resumed, embedded, n_train, batch.value)
     return Plan(
-        model=Choice(
-            model_name, "embedded tiny Llama (random init, fixed seed)" if embedded else "set by you"
-        ),
-        trust_remote_code=Choice(
-            cfg.trust_remote_code,
-            "set by you (--trust-remote-code): Python code shipped with the model may run"
-            if cfg.trust_remote_code
-            else "no code shipped with a model runs (a model that needs it is refused)",
-        ),
+        model=Choice(model_name, "embedded tiny Llama (random init, fixed seed)"
+                     if embedded else "set by you"),
+        trust_remote_code=choose_trust_remote_code(cfg),
         device=device,
         dtype=dtype,
         quantization=quant,
-        optimizer=opt,
-        gradient_checkpointing=Choice(ck, ck_why),
-        attention=attention,
-        batch_size=batch_c,
-        micro_batch=Choice(mb, mb_why),
-        grad_accum=Choice(accum, f"{batch} / {mb}: same effective batch"),
-        lr=lr,
+        optimizer=fit.optimizer,
+        gradient_checkpointing=ckpt,
+        attention=choose_attention(cfg),
+        seq_len=seq_len,
+        batch_size=batch,
+        micro_batch=micro,
+        grad_accum=choose_grad_accum(cfg, batch.value, micro.value),
+        lr=choose_lr(cfg, embedded, shape),
         max_steps=steps,
-        warmup_steps=warm,
-        lora=lora,
-        eval_every=ev,
-        save_every=sv,
-        loss_scaling=scaling,
+        warmup_steps=choose_warmup(cfg, resumed, steps.value),
+        lora=choose_lora(cfg),
+        eval_every=choose_eval_every(cfg, steps.value),
+        save_every=choose_save_every(cfg, steps.value),
+        loss_scaling=choose_loss_scaling(dtype.value),
         max_grad_norm=Choice(cfg.max_grad_norm, "QLoRA: 0.3" if cfg.max_grad_norm == 0.3 else "set by you"),
         weight_decay=Choice(cfg.weight_decay, "QLoRA: 0" if cfg.weight_decay == 0 else "set by you"),
         fused_loss=fused,
-        compile=comp,
-        memory=mem,
-        findings=findings,
+        compile=choose_compile(
+            cfg, facts, device.value, dtype.value, ckpt.value, quant.value, shape, embedded
+        ),
+        memory=MemoryFit(device.value, fit.budget_gib, fit.budget, fit.estimate, tokens,
+                         shape.total_params() / 1e9),
+        findings=[f for f in (memory_finding(fit, device.value),) if f],
     )

@@ -75,11 +75,30 @@ def _probe_findings(probes: list[dict]) -> list[Finding]:
     return out
 
 
-def run(device: str | None, *, skip_probes: bool = False, timeout: float = 120.0) -> Preflight:
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _probe_progress(progress):
+    def note(kind, name, result):  # smoke's runner calls this as each probe ends
+        if kind == "done":
+            progress(f"  {name}: {result.status} {result.duration_s:.1f} s")
+
+    return note
+
+
+def run(
+    device: str | None, *, skip_probes: bool = False, timeout: float = 120.0, progress=_quiet
+) -> Preflight:
+    """`progress(line)` is told what runs while the user waits (the first run's probes take ~25 s on CPU)."""
+    import time
+
     from qdoctor import cache, matrix
     from qdoctor.facts import collect
     from qdoctor.rules import judge
 
+    t0 = time.perf_counter()
+    progress("checking the machine (as `qdoctor check --deep`)")
     facts = collect(deep=True)
     if device:  # the same check as `smoke --device`: a ProbeUsageError names what is wrong
         from qdoctor.smoke.runner import parse_device
@@ -97,15 +116,19 @@ def run(device: str | None, *, skip_probes: bool = False, timeout: float = 120.0
     if isinstance(cached, list):
         pf.probes, pf.cached = cached, True
     else:
+        progress(f"running probes {', '.join(names)} in child processes (once per environment; cached "
+                 "afterwards)")
         try:
             from qdoctor.smoke import run_probes
         except ImportError:
             pf.notes.append("qdoctor.smoke is not available: probes not run, the plan relies on facts alone")
             return pf
         dev = device or ("cuda:0" if names is GPU_PROBES else "cpu")
-        results = run_probes(list(names), dev, timeout, facts)
+        results = run_probes(list(names), dev, timeout, facts, progress=_probe_progress(progress))
         pf.probes = [r.to_dict() for r in results]
         if not any(p.get("status") in ("timeout", "crash") for p in pf.probes):
             cache.store(CACHE_KIND, key, pf.probes)
     pf.findings = pf.findings + _probe_findings(pf.probes)
+    if not pf.cached:
+        progress(f"done in {time.perf_counter() - t0:.1f} s")
     return pf

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
 from pathlib import Path
 
+from qdoctor import strict_json
 from qdoctor.atomic import write_text
 
 SUMMARY_SCHEMA = "qdoctor.train/1"
+FINAL_LOSS_STEPS = 5  # final_loss is the mean of the last steps: one step's loss is noisy
 
 
 def peak_memory_gib(device: str) -> dict:
@@ -24,10 +25,12 @@ def peak_memory_gib(device: str) -> dict:
     return out
 
 
-def build(*, plan, fingerprint, history, run, wall_s, status, output, adapter_dir, first_eval) -> dict:
-    losses = [h["loss"] for h in history if "loss" in h]
+def build(
+    *, plan, fingerprint, history, run, wall_s, status, output, adapter_dir, first_eval, data=None
+) -> dict:
+    losses = [h["loss"] for h in history if h.get("loss") is not None]
     evals = [h["eval_loss"] for h in history if h.get("eval_loss") is not None]
-    tail = losses[-5:]
+    tail = losses[-FINAL_LOSS_STEPS:]
     return {
         "schema": SUMMARY_SCHEMA,
         "status": status,
@@ -37,21 +40,23 @@ def build(*, plan, fingerprint, history, run, wall_s, status, output, adapter_di
         "steps": run.step,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
-        "final_loss_note": "mean of the last 5 steps",
+        "final_loss_note": f"mean of the last {len(tail)} steps" if len(tail) > 1 else "the last step",
         "first_eval_loss": first_eval,
         "final_eval_loss": evals[-1] if evals else None,
         "train_time_s": round(run.elapsed, 3),
         "wall_time_s": round(wall_s, 3),
         "tokens": run.tokens,
         "tokens_per_s": round(run.tokens / run.elapsed, 1) if run.elapsed else None,
-        "peak_memory": peak_memory_gib(plan.v("device")),
+        "peak_memory": peak_memory_gib(plan.device.value),
         "micro_batch_final": run.micro,
+        "skipped_steps": run.skipped,
+        "data": data,
         "plan": plan.to_dict(),
     }
 
 
 def write(output: Path, summary: dict) -> None:
-    write_text(Path(output) / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_text(Path(output) / "summary.json", strict_json.dumps(summary, indent=2) + "\n")
 
 
 def plot(output: Path, history: list) -> Path | None:
