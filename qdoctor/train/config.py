@@ -53,6 +53,7 @@ class TrainConfig:
     fused_loss: str = "auto"  # auto | liger | none: fused linear + cross-entropy (never materialises logits)
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
     log_every: int | None = None  # progress line every N steps off a terminal; None = about ten a run
+    report_to: str = "none"  # none | tensorboard: metrics also as TensorBoard event files (report_to.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,6 +70,7 @@ CHOICES = {
     "attention": ("auto", "sdpa", "eager"),
     "fused_loss": ("auto", "liger", "none"),
     "compile": ("auto", "on", "off"),
+    "report_to": ("none", "tensorboard"),
 }
 POSITIVE = (
     "max_steps",
@@ -137,6 +139,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if isinstance(cfg.target_modules, list) and not cfg.target_modules:
         raise ConfigError("config key 'target_modules': must not be empty")
     batch_split(cfg)
+    from qdoctor.train.report_to import missing
+
+    if why := missing(cfg.report_to):
+        raise ConfigError(why)
     return cfg
 
 

@@ -159,6 +159,7 @@ class Run:
     skipped: int = 0  # steps skipped for a non-finite gradient norm
     skipped_in_row: int = 0
     log_every: int | None = None  # progress line every N steps off a terminal
+    report: object = None  # a train.report_to writer (--report-to), or None
 
 
 def forward_loss(run: Run, batch: dict, n_label_tokens: int):
@@ -254,6 +255,8 @@ def _metric(run: Run, rec: dict) -> None:
     run.history.append(rec)
     with open(run.output / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(strict_json.dumps(rec) + "\n")
+    if run.report is not None:
+        run.report.write(rec)
 
 
 def fit(run: Run, progress) -> None:
