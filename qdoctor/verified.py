@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 SCHEMA = "qdoctor.verified/1"
@@ -100,10 +101,17 @@ def failing(result: dict) -> dict | None:
     return None
 
 
+_EXC = re.compile(r"\b[A-Za-z_][\w.]*(?:Error|Exception)\b: ")
+
+
 def message(probe: dict) -> str:
-    """The one line that says why a probe failed: the exception's last line, else the failed check."""
-    lines = [ln.strip() for ln in (probe.get("error") or "").splitlines() if ln.strip()]
-    return lines[-1] if lines else (probe.get("reason") or probe.get("status") or "failed")
+    """The one line that says why a probe failed: the exception it raised (the last `XxxError: …` line of
+    its output, or its reason `raised …`), else the reason (a number out of band, a signal)."""
+    reason = probe.get("reason") or ""
+    if reason.startswith("raised "):
+        return reason[len("raised "):]
+    lines = [ln.strip() for ln in (probe.get("error") or "").splitlines() if _EXC.search(ln)]
+    return lines[-1] if lines else (reason or probe.get("status") or "failed")
 
 
 def combo_label(result: dict) -> str:

@@ -178,7 +178,7 @@ _PATHS: dict[str, str] = {}  # machine paths -> placeholders, so no local path l
 def scrub(text: str) -> str:
     for path, name in sorted(_PATHS.items(), key=lambda kv: -len(kv[0])):
         text = text.replace(path, name)
-    return re.sub(r"/[\w.+-]+(?:/[\w.+-]+)*/site-packages/", "<site-packages>/", text)
+    return re.sub(r"(?:<\w+>)?(?:/[\w.+-]+)*/site-packages/", "<site-packages>/", text)
 
 
 def tail(text: str | None, n: int = 3) -> str:
