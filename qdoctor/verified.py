@@ -108,10 +108,10 @@ def message(probe: dict) -> str:
     """The one line that says why a probe failed: the exception it raised (the last `XxxError: …` line of
     its output, or its reason `raised …`), else the reason (a number out of band, a signal)."""
     reason = probe.get("reason") or ""
-    if reason.startswith("raised "):
-        return reason[len("raised "):]
     lines = [ln.strip() for ln in (probe.get("error") or "").splitlines() if _EXC.search(ln)]
-    return lines[-1] if lines else (reason or probe.get("status") or "failed")
+    if lines:
+        return lines[-1]
+    return reason.removeprefix("raised ").strip() or probe.get("status") or "failed"
 
 
 def combo_label(result: dict) -> str:

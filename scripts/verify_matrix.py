@@ -25,7 +25,10 @@ needs for the GPU machine's Python (torch excluded: the base venv there has its 
     python scripts/verify_matrix.py download --grid scripts/grids/h200.toml --wheels wheels/ \
         --python-version 3.12
 
-then carry the repository and wheels/ over and run, with the base venv that holds the CUDA torch:
+(each combination is resolved against this machine's base, so what the base already holds -- torch and
+the stack's common dependencies -- is not downloaded: the GPU machine's base venv must hold them too, as a
+venv with the `train` extra does), then carry the repository and wheels/ over and run there, with the base
+venv that holds the CUDA torch:
 
     python scripts/verify_matrix.py run --grid scripts/grids/h200.toml --wheels wheels/ --offline \
         --base-python /opt/torch/.venv/bin/python -j 4
@@ -125,13 +128,56 @@ def python_of(env_dir: Path) -> Path:
 
 
 def make_env(python: str, env_dir: Path, base: Path) -> None:
+    """A venv whose .pth names its own copy of the base (symlinks), so what pip installs into the venv can
+    hide the base's copy of the same distribution (see hide_shadowed)."""
     if env_dir.exists():
         shutil.rmtree(env_dir)  # a combination interrupted half-way starts again
     rc, _, err = run([python, "-m", "venv", "--without-pip", str(env_dir)])
     if rc:
         raise RuntimeError(f"venv failed: {err.strip()}")
+    own = env_dir / "base"
+    own.mkdir()
+    for entry in os.listdir(base):
+        (own / entry).symlink_to(os.readlink(base / entry))
     site = Path(purelib(str(python_of(env_dir))))
-    (site / "_qdoctor_verify.pth").write_text(f"{base}\n{ROOT}\n")
+    (site / "_qdoctor_verify.pth").write_text(f"{own}\n{ROOT}\n")
+
+
+def _dist_name(entry: str) -> str | None:
+    m = re.match(r"(.+?)-[^-]+\.dist-info$", entry)
+    return m.group(1).lower().replace("_", "-") if m else None
+
+
+def _top_level(dist_info: Path) -> set[str]:
+    """The import names a distribution installs (top_level.txt, else the first parts of RECORD)."""
+    tl = dist_info / "top_level.txt"
+    if tl.is_file():
+        return {ln.strip() for ln in tl.read_text().splitlines() if ln.strip()}
+    names = set()
+    rec = dist_info / "RECORD"
+    for ln in rec.read_text().splitlines() if rec.is_file() else []:
+        first = ln.split(",", 1)[0].split("/", 1)[0]
+        if first and not first.endswith((".dist-info", ".data")) and first not in ("..", "__pycache__"):
+            names.add(first.removesuffix(".py"))
+    return names
+
+
+def hide_shadowed(env_dir: Path) -> list[str]:
+    """pip installs a different version of a base distribution into the venv (numpy<2 for transformers 4.42):
+    drop the base's copy from this environment, as a real install would replace it. Returns their names."""
+    installed = set(installed_in(env_dir))
+    own = env_dir / "base"
+    hidden = []
+    for entry in sorted(os.listdir(own)):
+        name = _dist_name(entry)
+        if name in installed:
+            for mod in _top_level(own / entry):
+                for cand in (own / mod, own / f"{mod}.py"):
+                    if cand.is_symlink():
+                        cand.unlink()
+            (own / entry).unlink()
+            hidden.append(name)
+    return hidden
 
 
 def pip_cmd(args, python: str, env_dir: Path, cache: Path) -> list[str]:
@@ -223,6 +269,7 @@ def verify_one(c: dict, args, base: Path, cache: Path) -> dict:
         cleanup(env_dir, args)
         return res
     res["installed"] = installed_in(env_dir)
+    res["replaced_in_base"] = hide_shadowed(env_dir)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", *verified.ENV_KEYS)}
     env.update(c["env"])
     env.update(XDG_CACHE_HOME=str(env_dir / "cache"), QDOCTOR_VERIFY="1")
@@ -319,6 +366,7 @@ def cmd_run(args) -> int:
     _PATHS.update({str(work / "envs"): "<envs>", str(work): "<work>", str(ROOT): "<repo>",
                    os.path.expanduser("~"): "~"})
     cache = work / "pip-cache"
+    rc, sha, _ = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     facts = base_facts(args.base_python)
     platform = args.platform or verified.platform_key(facts)
     out_path = Path(args.out or ROOT / "matrix" / "verified" / f"{platform}.json")
@@ -326,7 +374,8 @@ def cmd_run(args) -> int:
             "base": {"torch": (facts.get("packages") or {}).get("torch"),
                      "python": facts["platform"].get("python")},
             "method": "scripts/verify_matrix.py: a venv per combination over the base interpreter's torch; "
-                      "`qdoctor check --json` and `qdoctor smoke --json` in each"}
+                      "`qdoctor check --json` and `qdoctor smoke --json` in each",
+            "qdoctor_commit": sha.strip() if rc == 0 else None}
     output = Output(out_path, head)
     todo = [c for c in combos if args.redo or not output.done(combo_id(c))]
     print(f"verify_matrix: {platform}: {len(combos)} combinations, {len(combos) - len(todo)} already done, "

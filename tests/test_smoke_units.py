@@ -316,3 +316,17 @@ def test_failures_name_the_key_of_each_failed_criterion():
     assert sorted(k for k, _ in fails) == ["fp4_rel_err", "nf4_dq_rel_err"]
     assert [line for _, line in fails] == verdict.judge("nf4", m, mx["smoke_bands"])
     assert all(line.startswith(k) for k, line in fails)
+
+
+def test_from_pretrained_dtype_argument_follows_the_transformers_release(monkeypatch):
+    """transformers 4.53/4.55 passed an unknown `dtype=` on to LlamaForCausalLM.__init__ (measured by
+    scripts/verify_matrix.py); the probes name it `torch_dtype` before 4.56."""
+    import torch
+    import transformers
+
+    from qdoctor.smoke.probes.common import dtype_kwarg
+
+    for ver, key in (("4.46.3", "torch_dtype"), ("4.55.4", "torch_dtype"), ("4.56.0", "dtype"),
+                     ("4.57.0.dev0", "dtype"), ("5.24.0", "dtype")):
+        monkeypatch.setattr(transformers, "__version__", ver)
+        assert dtype_kwarg(torch.float16) == {key: torch.float16}, ver

@@ -177,3 +177,55 @@ def test_output_resumes_and_scrubs_machine_paths(tmp_path):
     s = vm.scrub("File /x/work/envs/c1/lib/python3.11/site-packages/peft/x.py, "
                  "/usr/lib/python3/site-packages/y")
     assert s == "File <site-packages>/peft/x.py, <site-packages>/y"
+
+
+def facts_for(r: dict) -> dict:
+    """The recorded CPU machine with a verified combination's versions installed."""
+    facts = load("cpu-only-machine")
+    for k, v in r["versions"].items():
+        facts["packages"][k] = v
+    facts["bitsandbytes"]["version"] = r["versions"]["bitsandbytes"]
+    facts["torch"]["version"] = r["versions"]["torch"]
+    return facts
+
+
+def test_the_rules_agree_with_every_measurement_on_the_cpu_machine():
+    """Measurement wins: with the verified results set aside (QD510/QD511), the rules alone flag every
+    combination that was measured broken (an error, or a warning that names the failing probes) and raise no
+    error on one measured working. A new disagreement fails here, before it reaches a user."""
+    doc = verified.load.__wrapped__("linux-x86_64-cpu")
+    mx = matrix.load()
+    results = [r for r in doc["results"] if r["status"] in ("working", "broken")]
+    assert len(results) >= 30
+    wrong = []
+    for r in results:
+        fs = [f for f in judge(facts_for(r), mx) if f.code not in ("QD510", "QD511")]
+        errors = [f.code for f in fs if f.severity == "error"]
+        flagged = errors + [f.code for f in fs
+                            if f.severity == "warning" and f.area in ("packages", "bitsandbytes")]
+        if (r["status"] == "broken") != bool(flagged) or (r["status"] == "working" and errors):
+            wrong.append((r["id"], r["status"], flagged))
+    assert not wrong, wrong
+
+
+def test_a_package_pip_replaced_is_hidden_from_the_base(tmp_path, monkeypatch):
+    """transformers 4.42 pins numpy<2: the venv gets numpy 1.26 and the base's numpy 2 must vanish from that
+    environment (else `check` sees two numpys, which a real install never has)."""
+    vm = _script()
+    real = tmp_path / "site"
+    (real / "numpy-2.4.6.dist-info").mkdir(parents=True)
+    (real / "numpy-2.4.6.dist-info" / "top_level.txt").write_text("numpy\n")
+    (real / "numpy").mkdir()
+    (real / "torch-2.13.0.dist-info").mkdir()
+    (real / "torch-2.13.0.dist-info" / "RECORD").write_text("torch/__init__.py,,\nfunctorch/x.py,,\n")
+    for d in ("torch", "functorch"):
+        (real / d).mkdir()
+    env = tmp_path / "env"
+    (env / "base").mkdir(parents=True)
+    for e in real.iterdir():
+        (env / "base" / e.name).symlink_to(e)
+    monkeypatch.setattr(vm, "installed_in", lambda env_dir: {"numpy": "1.26.4", "peft": "0.13.2"})
+    assert vm.hide_shadowed(env) == ["numpy"]
+    left = sorted(p.name for p in (env / "base").iterdir())
+    assert left == ["functorch", "torch", "torch-2.13.0.dist-info"]
+    assert vm._top_level(real / "torch-2.13.0.dist-info") == {"torch", "functorch"}
