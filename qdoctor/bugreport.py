@@ -87,14 +87,16 @@ def report(output, no_smoke, probes, facts_file, timeout):
     findings = judge(facts, mx)
     extra, table = {}, None
     if not no_smoke:
+        from qdoctor import devices, extra
         from qdoctor.smoke import findings_for, run_probes
-        from qdoctor.smoke.runner import ProbeUsageError, parse_device, select_probes
+        from qdoctor.smoke.runner import ProbeUsageError, select_probes
         from qdoctor.smoke.view import markdown_table
 
+        extra.require("report")  # the probes drive the stack; `--no-smoke` needs none of it
         try:
             select_probes(list(probes))
-            dev = parse_device(None, facts)
-        except ProbeUsageError as e:
+            dev = devices.parse_device(None, facts)
+        except (ProbeUsageError, devices.DeviceError) as e:
             raise UsageError(str(e)) from None
         out(f"qdoctor report: running probes on {dev}...\n", err=True)
         results = run_probes(list(probes) or None, dev, timeout, facts, matrix=mx)

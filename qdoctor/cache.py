@@ -1,7 +1,11 @@
 """A small JSON cache under ~/.cache/qdoctor, so the second `check` costs almost nothing.
 
 What is cached is always re-derivable: ELF/fatbin scans keyed by (path, size, mtime), requirement
-checks keyed by the installed set, the `--deep` child's result keyed by an environment fingerprint.
+checks keyed by the installed set, the `--deep` child's result keyed by an environment fingerprint
+(which includes qdoctor's version), and train pre-flight's probe results keyed by `probe_key`: the
+fingerprint, a hash of matrix/ (a changed smoke band or failure pattern re-judges) and the device.
+Probe results and the deep result are reused for at most MAX_AGE_S (24 h): what no fingerprint sees
+(a driver reload, a GPU that started failing) gets re-probed at least daily.
 Every failure here (read-only home, full disk, a corrupt file) is a cache miss, never an error.
 `QDOCTOR_CACHE_DIR` overrides the location (tests point it at a tmp dir); `QDOCTOR_NO_CACHE=1`
 disables it.
@@ -19,9 +23,9 @@ import time
 from qdoctor import strict_json
 
 VERSION = 1  # bump to orphan every old entry when a cached format changes
+MAX_AGE_S = 24 * 3600  # probe and deep-import results older than this are run again
 
 FINGERPRINT_ENV = ("CUDA_VISIBLE_DEVICES", "BNB_CUDA_VERSION", "BNB_ROCM_VERSION", "LD_LIBRARY_PATH")
-FINGERPRINT_PACKAGES = ("torch", "bitsandbytes", "transformers", "peft", "accelerate", "triton")  # always
 
 
 def cache_dir(environ=None) -> str:
@@ -93,20 +97,41 @@ def file_key(path: str) -> str | None:
 def fingerprint(facts: dict) -> str:
     """What a runtime (import torch) result depends on; a change in any of these invalidates it.
 
-    Python (executable, version), every reported package version (the stack, its neighbours and the
-    nvidia-* wheels), the driver, the GPU models, and CUDA_VISIBLE_DEVICES / BNB_CUDA_VERSION /
-    BNB_ROCM_VERSION / LD_LIBRARY_PATH.
+    qdoctor's version, Python (executable, version), every reported package version (the stack, its
+    neighbours and the nvidia-* wheels), the driver, the GPU models, and CUDA_VISIBLE_DEVICES /
+    BNB_CUDA_VERSION / BNB_ROCM_VERSION / LD_LIBRARY_PATH.
     """
+    from qdoctor import matrix
+
     plat = facts.get("platform") or {}
     pkgs = facts.get("packages") or {}
     nv = facts.get("nvidia") or {}
     env = facts.get("env") or {}
+    from qdoctor import __version__
+
     parts = {
+        "qdoctor": __version__,  # a newer qdoctor may probe or parse differently
         # the interpreter's directory, not its name: venv/bin/python and venv/bin/python3 are one Python
         "python": [os.path.dirname(plat.get("python_executable") or ""), plat.get("python")],
-        "packages": {**{n: pkgs.get(n) for n in FINGERPRINT_PACKAGES}, **pkgs},
+        "packages": {**{n: pkgs.get(n) for n in (*matrix.stack(), "triton")}, **pkgs},
         "driver": nv.get("driver"),
         "gpus": [g.get("name") for g in nv.get("gpus") or [] if isinstance(g, dict)],
         "env": {k: env.get(k) for k in FINGERPRINT_ENV},
     }
     return _digest(json.dumps(parts, sort_keys=True, default=str))
+
+
+def matrix_digest() -> str:
+    """A hash of every matrix/*.toml file's bytes: the knowledge a cached verdict was judged with."""
+    from qdoctor import matrix
+
+    h = hashlib.sha256()
+    d = matrix.matrix_dir()
+    for f in sorted(d.glob("*.toml")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def probe_key(fingerprint: str, device: str, probes) -> str:
+    """The key of train pre-flight's cached probe results (see the module docstring)."""
+    return f"{fingerprint}|matrix={matrix_digest()}|{device}|{','.join(probes)}"

@@ -1,8 +1,5 @@
-"""Command line: `qdoctor check | smoke | train | explain | report | matrix | rules`.
-
-Exit codes (a contract for CI): 0 no error finding; 1 at least one error finding (also warnings
-under --strict); 2 qdoctor was used wrongly (bad flag, unreadable input); 3 qdoctor itself failed.
-"""
+"""Command line: `qdoctor check | smoke | train | explain | report | matrix | rules`. Output and exit codes:
+qdoctor.console."""
 
 from __future__ import annotations
 
@@ -12,22 +9,31 @@ import sys
 import click
 
 from qdoctor import __version__
-from qdoctor.redact import redact
-
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-
-
-class UsageError(Exception):
-    """A one-line message for the user; exit code 2, never a traceback."""
-
-
-def out(text: str, err: bool = False) -> None:
-    """Every byte qdoctor prints goes through redaction."""
-    click.echo(redact(text), nl=False, err=err)
+from qdoctor.console import (  # noqa: F401 - re-exported: the commands import them from here
+    EXIT_FINDINGS,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    out,
+)
 
 
-def codes_option(value: str | None) -> tuple[str, ...]:
-    return tuple(c.strip().upper() for c in (value or "").split(",") if c.strip())
+def codes_option(value: str | None, flag: str = "--select") -> tuple[str, ...]:
+    """Codes or prefixes from --select/--ignore. One that matches no code qdoctor knows is a usage
+    error: a typo in a CI gate must not silently select nothing and pass."""
+    codes = tuple(c.strip().upper() for c in (value or "").split(",") if c.strip())
+    if not codes:
+        return codes
+    from qdoctor.rulesdoc import all_codes, code_families
+
+    known = all_codes()
+    bad = [c for c in codes if not any(k.startswith(c) for k in known)]
+    if bad:
+        raise UsageError(f"{flag} {','.join(bad)}: no such code or prefix (known: {code_families(known)}; "
+                         "`qdoctor rules` lists every code)")
+    return codes
 
 
 def format_options(f):
@@ -106,6 +112,7 @@ def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, v
     from qdoctor.rules import judge
 
     fmt = resolve_format(as_json, fmt)
+    select_codes, ignore_codes = codes_option(select), codes_option(ignore, "--ignore")
     also = also_option(also)
     if facts_file and deep:
         raise click.UsageError("--deep observes this machine; it cannot be combined with --facts")
@@ -128,7 +135,7 @@ def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, v
         except ModelNotFound as e:
             raise UsageError(str(e)) from None
     findings = judge(facts, matrix.load())
-    findings = select_findings(findings, codes_option(select), codes_option(ignore))
+    findings = select_findings(findings, select_codes, ignore_codes)
     emit_report("check", findings, facts, fmt, verbose, strict=strict, also=also)
     if save_facts:
         write_facts(save_facts, facts)
@@ -187,6 +194,7 @@ def emit_report(command, findings, facts, fmt, verbose, extra=None, text_footer=
     out(render_report(*args, fmt, verbose, **kw))
     for other, path in also:
         from qdoctor.atomic import write_text
+        from qdoctor.redact import redact
 
         try:
             write_text(path, redact(render_report(*args, other, verbose, **kw)))
@@ -245,7 +253,7 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         out("qdoctor: aborted\n", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as e:
         # bad flag / bad value: click's message, one line plus the usage hint, exit 2
         msg = e.format_message()
@@ -255,7 +263,7 @@ def main(argv=None):
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         out("qdoctor: interrupted\n", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except SystemExit:
         raise
     except Exception as e:  # a bug in qdoctor: one line, traceback only on request

@@ -133,7 +133,7 @@ def explain(file, facts_file, no_facts, as_json, verbose):
     import json
 
     from qdoctor import __version__, matrix
-    from qdoctor.cli import UsageError, out
+    from qdoctor.cli import EXIT_FINDINGS, EXIT_OK, UsageError, out
     from qdoctor.rules import judge
 
     if facts_file and no_facts:
@@ -164,4 +164,4 @@ def explain(file, facts_file, no_facts, as_json, verbose):
         out(json.dumps(doc, indent=2) + "\n")
     else:
         out(render(findings, name, n_lines, note, mx, verbose))
-    sys.exit(0 if findings else 1)
+    sys.exit(EXIT_OK if findings else EXIT_FINDINGS)

@@ -34,3 +34,18 @@ def load(directory: str | None = None) -> dict:
         with f.open("rb") as fh:
             out[f.stem] = tomllib.load(fh)
     return out
+
+
+
+def _stack_table(mx: dict | None) -> dict:
+    return ((load() if mx is None else mx).get("packages") or {}).get("stack") or {}
+
+
+def stack(mx: dict | None = None) -> tuple[str, ...]:
+    """The QLoRA stack's distributions in import order (packages.toml [stack] core): what the packages
+    collector reports, the probe cache keys on, smoke imports, and the `train` extra installs."""
+    return tuple(_stack_table(mx).get("core", ()))
+
+
+def stack_neighbours(mx: dict | None = None) -> tuple[str, ...]:
+    return tuple(_stack_table(mx).get("neighbours", ()))

@@ -44,6 +44,26 @@ def other_codes() -> list[tuple[str, str, str, str]]:
     return out
 
 
+def all_codes() -> dict[str, str]:
+    """Every finding code qdoctor can emit -> its area: check rules, QD001, probes, KFxx, QD8xx."""
+    from qdoctor.rules import load_rules
+
+    out = {"QD001": "general"}
+    for r in load_rules():
+        out.update(dict.fromkeys(r.codes, r.area))
+    out.update({c: area for c, _, area, _ in other_codes()})
+    return out
+
+
+def code_families(codes: dict[str, str]) -> str:
+    """'QD0xx general, QD1xx platform, …, KFxx smoke': the known prefixes in one line."""
+    fam: dict[str, str] = {}
+    for c, area in sorted(codes.items(), key=lambda kv: (not kv[0].startswith("QD"), kv[0])):
+        key = c[:3] + "x" * (len(c) - 3) if c.startswith("QD") else c.rstrip("0123456789") + "xx"
+        fam.setdefault(key, area)
+    return ", ".join(f"{k} {a}" for k, a in fam.items())
+
+
 def _anchor(code: str) -> str:
     """An explicit, stable anchor (`#qd303`): findings link here (qdoctor.ruleref)."""
     from qdoctor.ruleref import anchor

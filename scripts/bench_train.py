@@ -320,7 +320,8 @@ def main() -> None:
                 r.setdefault("contender", c)
                 r.setdefault("variant", v)
                 r["model"] = name
-                r["command"] = " ".join(Path(x).name if x == sys.executable else x for x in cmd)
+                r["command"] = " ".join(Path(x).name if x == sys.executable else
+                                        os.path.relpath(x, ROOT) if x == __file__ else x for x in cmd)
                 r["process_s"] = round(dt, 1)
                 if r.get("tok_s") and r.get("seq"):
                     tflops = r["tok_s"] * model_flops_per_token(mcfg, r["seq"]) / 1e12

@@ -53,6 +53,9 @@ CLASS_TEXTS = {
     "CUDA error 802": ("RuntimeError: Unexpected error from cudaGetDeviceCount(). Did you run some cuda "
                        "functions before calling NumCudaDevices() that might have already set an error? "
                        "Error 802: system not yet initialized", "KF43"),
+    "CUDA error 802 from a tensor op": (
+        "RuntimeError: CUDA error: system not yet initialized\nCUDA kernel errors might be asynchronously "
+        "reported at some other API call", "KF43"),
     "CUDA error 804": ("Error 804: forward compatibility was attempted on non supported HW", "KF44"),
     "CUDA unknown error": ("RuntimeError: CUDA unknown error - this may be due to an incorrectly set up "
                            "environment, e.g. changing env variable CUDA_VISIBLE_DEVICES after program "

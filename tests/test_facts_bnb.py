@@ -8,11 +8,11 @@ import struct
 
 import pytest
 
-from qdoctor import matrix
+from qdoctor import bnb_loader, matrix
 from qdoctor.facts import bnb, libsearch
 from qdoctor.facts.torch_build import find_package
 
-RULES = matrix.load()["bnb_loader"]["loader"]
+RULES = bnb_loader.rules(matrix.load())
 SHIPPED_0502 = ["cpu", "cuda118", "cuda121", "cuda124", "cuda126", "cuda128", "cuda130", "cuda132",
                 "rocm64", "rocm70", "rocm71", "rocm714", "rocm715", "rocm72", "xpu2025", "xpu2026"]
 
@@ -110,7 +110,7 @@ def test_missing_torch_or_unknown_version():
 def test_loader_table_covers_every_release_once_and_has_sources():
     assert all(r.get("source") for r in RULES)
     for v in ("0.39.0", "0.41.3", "0.43.1", "0.44.1", "0.45.0", "0.49.2", "0.50.0", "0.50.2", "1.2.0"):
-        hits = [r for r in RULES if bnb.rule_for(v, [r])]
+        hits = [r for r in RULES if bnb_loader.rule_for(v, [r])]
         assert len(hits) == 1, v
 
 

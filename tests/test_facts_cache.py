@@ -87,3 +87,42 @@ def test_fingerprint_is_the_same_for_python_and_python3_of_one_venv():
     b = {"platform": {"python_executable": "~/venv/bin/python3", "python": "3.11.7"}}
     c = {"platform": {"python_executable": "~/other-venv/bin/python3", "python": "3.11.7"}}
     assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+
+
+def test_probe_cache_key_follows_qdoctor_version_and_the_matrix(tmp_path, monkeypatch):
+    """A new qdoctor or a changed smoke band must not reuse an old probe verdict."""
+    import shutil
+
+    import qdoctor
+    from qdoctor import matrix
+
+    key = cache.probe_key(cache.fingerprint(FACTS), "cpu", ("imports", "nf4"))
+    assert key == cache.probe_key(cache.fingerprint(FACTS), "cpu", ("imports", "nf4"))
+    assert key != cache.probe_key(cache.fingerprint(FACTS), "cuda:0", ("imports", "nf4"))
+    monkeypatch.setattr(qdoctor, "__version__", "9.9.9")
+    assert cache.probe_key(cache.fingerprint(FACTS), "cpu", ("imports", "nf4")) != key
+    monkeypatch.undo()
+    d = tmp_path / "matrix"
+    shutil.copytree(matrix.matrix_dir(), d)
+    monkeypatch.setattr(matrix, "matrix_dir", lambda: d)
+    assert cache.probe_key(cache.fingerprint(FACTS), "cpu", ("imports", "nf4")) == key
+    bands = d / "smoke_bands.toml"
+    bands.write_text(bands.read_text().replace("max = 0.100", "max = 0.101", 1))
+    assert cache.probe_key(cache.fingerprint(FACTS), "cpu", ("imports", "nf4")) != key
+
+
+def test_preflight_reuses_probes_only_while_fresh(tmp_path, monkeypatch):
+    import qdoctor.facts
+    import qdoctor.smoke
+    from qdoctor.train import preflight
+
+    facts = {"platform": {"memory_total_mib": 8000}, "nvidia": {"gpus": []}, "env": {},
+             "torch": {"cuda": None, "version": "2.13.0+cpu"}, "bitsandbytes": {"installed": True}}
+    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(qdoctor.facts, "collect", lambda **kw: facts)
+    runs = []
+    monkeypatch.setattr(qdoctor.smoke, "run_probes", lambda n, d, t, f, **_: runs.append(d) or [])
+    assert not preflight.run(None).cached and preflight.run(None).cached and runs == ["cpu"]
+    for f in (tmp_path / f"v{cache.VERSION}" / preflight.CACHE_KIND).iterdir():
+        os.utime(f, (1, 1))  # older than cache.MAX_AGE_S
+    assert not preflight.run(None).cached and runs == ["cpu", "cpu"]

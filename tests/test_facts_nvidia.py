@@ -135,18 +135,28 @@ GPUS = [{"index": 0, "uuid": "GPU-aaaa1111"}, {"index": 1, "uuid": "GPU-bbbb2222
 
 @pytest.mark.parametrize("value,visible", [
     (None, None),
-    ("", set()),
-    ("1", {1}),
-    ("2,0", {0, 2}),
-    ("0,7,1", {0}),          # CUDA stops at the first invalid entry
-    ("GPU-aaaa", {0}),       # UUID prefix
-    ("GPU-bbbb", set()),     # ambiguous prefix: names no device
-    ("gpu-bbbb3333,1", {1, 2}),
-    ("-1", set()),
-    ("0,0", {0}),
+    ("", []),
+    ("1", [1]),
+    ("2,0", [2, 0]),         # CUDA ordinal order: cuda:0 is NVML GPU 2
+    ("0,7,1", [0]),          # CUDA stops at the first invalid entry
+    ("0,2,-1,1", [0, 2]),    # the CUDA guide's own example
+    ("GPU-aaaa", [0]),       # UUID prefix
+    ("GPU-bbbb", []),        # ambiguous prefix: names no device
+    ("gpu-bbbb3333,1", [2, 1]),
+    ("-1", []),
+    ("0,0", [0]),
 ])
 def test_parse_visible(value, visible):
     assert nvidia.parse_visible(value, GPUS) == visible
+
+
+def test_mig_instances_are_not_mapped_and_count_as_all_visible():
+    from qdoctor.devices import Unmappable
+
+    with pytest.raises(Unmappable):
+        nvidia.parse_visible("MIG-5c1f2d4e-1111-2222-3333-444455556666", GPUS)
+    r = nvidia.collect(nvml=fake_nvml([H200, T4]), environ={"CUDA_VISIBLE_DEVICES": "MIG-5c1f2d4e"})
+    assert [g["visible"] for g in r["gpus"]] == [True, True]
 
 
 def test_visible_flag_per_gpu():

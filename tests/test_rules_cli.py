@@ -99,10 +99,42 @@ def test_select_and_ignore():
     assert not codes & {"QD303", "QD404"} and r.exit_code == 0
 
 
+@pytest.mark.parametrize("cmd,flag", [("check", "--select"), ("check", "--ignore"), ("smoke", "--select"),
+                                      ("smoke", "--ignore")])
+def test_unknown_code_or_prefix_is_a_usage_error(cmd, flag):
+    """A typo in a CI gate (`--select QD999`) must not select nothing and pass (issue 7, item 8)."""
+    args = ["--facts", snap("v100-cu130"), flag, "QD4,QD999"] if cmd == "check" else [flag, "QD999"]
+    r = qd(cmd, *args)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and f"{flag} QD999: no such code or prefix" in lines[0]
+    assert "QD4xx bitsandbytes" in lines[0] and "KFxx" in lines[0] and "QD8xx" in lines[0]
+    # every family the reference lists is accepted, in any case
+    for ok in ("qd0", "QD7", "KF", "QD801", "QD208"):
+        assert qd("check", "--facts", snap("t4"), "--select", ok).exit_code in (0, 1), ok
+
+
+def test_unknown_gpu_architecture_is_not_a_silent_ready(tmp_path):
+    """A GPU whose compute capability is null (or garbage) gets a warning naming it (issue 7, item 9)."""
+    for cc in (None, "n/a"):
+        facts = json.loads((SNAP / "h200-cu130.json").read_text())
+        facts = facts.get("facts", facts)
+        facts["nvidia"]["gpus"][0]["compute_capability"] = cc
+        f = tmp_path / "cc.json"
+        f.write_text(json.dumps(facts))
+        r = qd("check", "--facts", str(f))
+        assert r.exit_code == 0 and "QD208" in r.output and "architecture unknown" in r.output
+        assert "Verdict: READY (1 warning)" in r.output
+        assert qd("check", "--facts", str(f), "--strict").exit_code == 1
+
+
 def test_verbose_shows_all_evidence():
     quiet = qd("check", "--facts", snap("v100-cu130")).output
     loud = qd("check", "--facts", snap("v100-cu130"), "-v").output
     assert "libraries here with sm_70: cuda118, cuda121, cuda124, cuda126, cuda128" in loud
+    # a matrix row used as evidence says how sure the matrix is of it
+    assert "torch cu126 wheels contain sm_50, sm_60, sm_70" in loud
+    assert "(matrix, confidence: secondhand)" in loud
     assert len(loud) > len(quiet)
 
 

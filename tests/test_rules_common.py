@@ -52,8 +52,13 @@ def test_visible_gpus():
     assert visible_gpus({"nvidia": {"gpus": gpus}, "env": {"CUDA_VISIBLE_DEVICES": "1"}}) == [{"index": 1}]
     assert visible_gpus({"nvidia": {"gpus": gpus}, "env": {"CUDA_VISIBLE_DEVICES": ""}}) == []
     assert visible_gpus({"nvidia": {"gpus": gpus}, "env": {"CUDA_VISIBLE_DEVICES": "GPU-3f2a"}}) == gpus
+    # the collector's flags decide only where the variable cannot be read here (UUIDs anonymised away)
     flagged = [{"index": 0, "visible": False}, {"index": 1, "visible": True}]
-    assert visible_gpus({"nvidia": {"gpus": flagged}, "env": {"CUDA_VISIBLE_DEVICES": "0"}}) == [flagged[1]]
+    def vis(cvd):
+        return visible_gpus({"nvidia": {"gpus": flagged}, "env": {"CUDA_VISIBLE_DEVICES": cvd}})
+
+    assert vis("GPU-9") == [flagged[1]]
+    assert vis("0") == [flagged[0]]
 
 
 def test_visible_gpus_reads_cuda_visible_devices_like_the_collector():
@@ -65,7 +70,7 @@ def test_visible_gpus_reads_cuda_visible_devices_like_the_collector():
         facts = {"nvidia": {"gpus": gpus}, "env": {"CUDA_VISIBLE_DEVICES": cvd}}
         return [g["index"] for g in visible_gpus(facts)]
 
-    assert vis("2,0") == [0, 2]
+    assert vis("2,0") == [2, 0]  # CUDA ordinal order
     assert vis("1,7,2") == [1]  # CUDA stops at the first ordinal that names no device
     assert vis("") == []
     assert vis("GPU-1234") == [0, 1, 2, 3]  # no UUIDs in this snapshot: cannot tell, assume all

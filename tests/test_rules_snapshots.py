@@ -238,6 +238,18 @@ VARIANTS = {
         set(),
         {"QD503": ["'frozenset' object has no attribute 'discard'"]},
     ),
+    "cc-null": (
+        variant("h200-synthetic", **{"nvidia.gpus.0.compute_capability": None}),
+        set(),
+        {"QD208"},
+        {"QD208": ["GPU 0 (NVIDIA H200)", "architecture unknown", "None", "compute_cap"]},
+    ),
+    "cc-unparseable": (
+        variant("h200-synthetic", **{"nvidia.gpus.0.compute_capability": "Hopper"}),
+        set(),
+        {"QD208"},
+        {"QD208": ["'Hopper'", "kernel coverage"]},
+    ),
     "python-3.9": (
         variant("h200-synthetic", **{"platform.python": "3.9.18"}),
         {"QD505"},
@@ -314,8 +326,9 @@ VARIANTS = {
             **{"torch": {"installed": False, "version": None, "cuda": None}, "packages.torch": _DEL},
         ),
         {"QD301"},
-        set(),
-        {"QD301": ["whl/cpu"]},
+        {"QD504"},
+        {"QD301": ["whl/cpu"],
+         "QD504": ["`qdoctor smoke` and `qdoctor train` need torch", 'pip install "qdoctor[train]"']},
     ),
     "torch-missing-gpu": (
         variant(
@@ -323,8 +336,10 @@ VARIANTS = {
             **{"torch": {"installed": False, "version": None, "cuda": None}, "packages.torch": _DEL},
         ),
         {"QD301"},
-        set(),
-        {"QD301": ["whl/cu130", "torch==2.14.*"]},
+        {"QD504"},
+        # on a GPU machine the extra alone would pull pip's default torch: the right wheel first
+        {"QD301": ["whl/cu130", "torch==2.14.*"],
+         "QD504": ["the torch wheel QD301 names first", "qdoctor[train]"]},
     ),
     "torch-import-error": (
         variant("h200-synthetic", **{"torch.error": "ImportError: libtorch_cuda.so: cannot open"}),
@@ -356,8 +371,8 @@ VARIANTS = {
     "bnb-missing": (
         variant("h200-synthetic", **{"bitsandbytes": {"installed": False}, "packages.bitsandbytes": _DEL}),
         {"QD401"},
-        set(),
-        {"QD401": ["pip install -U bitsandbytes"]},
+        {"QD504"},
+        {"QD401": ["pip install -U bitsandbytes"], "QD504": ["need bitsandbytes (not installed)"]},
     ),
     "bnb-no-lib-facts": (
         variant(
@@ -551,3 +566,39 @@ def test_rule_crash_is_reported_not_raised():
     crash = [f for f in fs if f.code == "QD001"]
     assert crash and "surprise" in crash[0].evidence[0]
     assert any(f.code == "QD200" for f in fs)  # the other rules still ran
+
+
+def test_one_combination_matched_by_two_matrix_rows_is_reported_once():
+    """peft 0.17.1 + transformers 5.2.0 breaks twice over (HybridCache import, the PEFT version check):
+    one QD503 carrying both errors, not the same line printed twice."""
+    facts = variant("peft-transformers-mismatch",
+                    **{"packages.peft": "0.17.1", "packages.transformers": "5.2.0",
+                       "packages.accelerate": "1.15.0"})
+    fs = [f for f in run(facts) if f.code == "QD503"]
+    assert len(fs) == 1, [f.title for f in fs]
+    ev = " ".join(fs[0].evidence)
+    assert "HybridCache" in ev and "not compatible, please use a version >= 0.18.0" in ev
+    assert fs[0].fix == "pip install -U 'peft>=0.18.0'"  # the two rows share their fix: given once
+
+
+def test_every_rule_runs_once_per_judge(monkeypatch):
+    """Area summaries are decided from the findings already made, not by running the rules again."""
+    from qdoctor import rules as reg
+
+    load_rules()
+    calls: dict[str, int] = {}
+
+    def counted(r):
+        def f(facts, matrix):
+            calls[r.slug] = calls.get(r.slug, 0) + 1
+            return r.func(facts, matrix)
+        return f
+
+    monkeypatch.setattr(reg, "REGISTRY", [reg.Rule(r.code, r.slug, r.area, counted(r), r.codes, r.summary)
+                                          for r in reg.REGISTRY])
+    fs = run(load("mixed-gpus"))
+    assert calls and max(calls.values()) == 1, calls
+    summaries = {r.slug for r in reg.REGISTRY if r.summary}
+    troubled = {f.area for f in fs if f.severity in ("warning", "error")}
+    assert summaries
+    assert all(calls.get(r.slug, 0) == 0 for r in reg.REGISTRY if r.summary and r.area in troubled)

@@ -39,7 +39,9 @@ def injected_cli():
     mark = f"qdoctor-test-sleeper-{uuid.uuid4().hex}"
     env = dict(os.environ, QDOCTOR_SMOKE_INJECT="nf4=abort,lora_step=hang,matmul4bit=wrong",
                QDOCTOR_SMOKE_MARK=mark)
-    cmd = [sys.executable, "-m", "qdoctor", "smoke", "--device", "cpu", "--timeout", "10", "--json"]
+    # 3 s: the hang is cut at the timeout; each real probe takes under 1 s here once the fork server
+    # has imported the stack (which has its own 30 s allowance)
+    cmd = [sys.executable, "-m", "qdoctor", "smoke", "--device", "cpu", "--timeout", "3", "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     return p, json.loads(p.stdout), mark
 
@@ -102,8 +104,8 @@ def test_spawn_isolation_kills_a_hung_probe_and_its_child():
     mark = f"qdoctor-test-sleeper-{uuid.uuid4().hex}"
     os.environ["QDOCTOR_SMOKE_MARK"] = mark
     try:
-        rs = run_probes(["nf4", "precision"], "cpu", 8, isolation="spawn", jobs=2,
-                        inject={"nf4": "abort", "precision": "hang"})
+        rs = run_probes(["nf4", "precision"], "cpu", 3, isolation="spawn", jobs=2,
+                        inject={"nf4": "abort", "precision": "hang"})  # injected before torch imports
     finally:
         del os.environ["QDOCTOR_SMOKE_MARK"]
     st = {r.probe: r.status for r in rs}
@@ -127,8 +129,8 @@ def test_usage_errors_exit_2_in_one_line():
 
 
 def _has_gpu() -> bool:
+    from qdoctor.devices import cuda_usable
     from qdoctor.facts import collect
-    from qdoctor.smoke.runner import cuda_usable
 
     return cuda_usable(collect(deep=False, timeout=30))
 

@@ -13,19 +13,18 @@ from pathlib import Path
 import pytest
 
 from qdoctor import matrix
+from qdoctor.devices import DeviceError, default_device, parse_device
+from qdoctor.devices import count as visible_gpu_count
 from qdoctor.smoke import known_failures, verdict
 from qdoctor.smoke.registry import ORDER, PROBES
 from qdoctor.smoke.result import ProbeResult, code_for, findings_for, to_finding
 from qdoctor.smoke.runner import (
     ProbeUsageError,
     build_result,
-    default_device,
     dependency_skip,
-    parse_device,
     parse_inject,
     select_probes,
     static_skip,
-    visible_gpu_count,
 )
 
 SNAP = Path(__file__).parent / "snapshots"
@@ -219,11 +218,11 @@ def test_default_device_follows_the_fast_check():
 def test_bad_devices_are_usage_errors():
     h200 = facts_of("h200-cu130.json")
     assert parse_device("cuda", h200) == "cuda:0"
-    with pytest.raises(ProbeUsageError, match="no such device"):
+    with pytest.raises(DeviceError, match="no such device"):
         parse_device("cuda:7", h200)
-    with pytest.raises(ProbeUsageError, match="CPU-only"):
+    with pytest.raises(DeviceError, match="CPU-only"):
         parse_device("cuda:0", facts_of("cpu-torch-with-gpu.json"))
-    with pytest.raises(ProbeUsageError, match="bad --device"):
+    with pytest.raises(DeviceError, match="bad --device"):
         parse_device("gpu0", h200)
 
 
@@ -234,7 +233,7 @@ def test_cuda_visible_devices_limits_the_count():
     f["nvidia"]["gpus"] = [{**f["nvidia"]["gpus"][0], "index": i} for i in range(4)]
     f["env"]["CUDA_VISIBLE_DEVICES"] = "2,3"
     assert visible_gpu_count(f) == 2
-    with pytest.raises(ProbeUsageError):
+    with pytest.raises(DeviceError):
         parse_device("cuda:2", f)
 
 
@@ -280,6 +279,7 @@ def _fake_pynvml(caps):
     m.nvmlDeviceGetCount = lambda: len(caps)
     m.nvmlDeviceGetHandleByIndex = lambda i: i
     m.nvmlDeviceGetCudaComputeCapability = lambda h: caps[h]
+    m.nvmlDeviceGetUUID = lambda h: f"GPU-{h}000"
     return m
 
 
@@ -316,6 +316,17 @@ def test_failures_name_the_key_of_each_failed_criterion():
     assert sorted(k for k, _ in fails) == ["fp4_rel_err", "nf4_dq_rel_err"]
     assert [line for _, line in fails] == verdict.judge("nf4", m, mx["smoke_bands"])
     assert all(line.startswith(k) for k, line in fails)
+
+
+def test_only_the_visible_gpus_count_for_the_capability_answer(monkeypatch):
+    import torch
+
+    from qdoctor.smoke.preload import capability_from_nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([(7, 0), (9, 0)]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1")  # the sm_90 GPU alone
+    with capability_from_nvml():
+        assert torch.cuda.get_device_capability(0) == (9, 0)
 
 
 def test_from_pretrained_dtype_argument_follows_the_transformers_release(monkeypatch):

@@ -185,6 +185,8 @@ def custom_model(tmp_path) -> tuple[Path, Path]:
     }
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "custom.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
+    # an empty safetensors file: weights are only read past --dry-run
+    (d / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(M.assets_dir() / f, d / f)
     return d, marker

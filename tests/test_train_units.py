@@ -167,15 +167,51 @@ def test_plan_json_round_trips():
     assert d["optimizer"]["value"] == "paged_adamw_8bit" and d["memory"]["estimate"]["total_gib"] > 0
 
 
-# ---- memory estimate against the measured H200 peaks ----
+# ---- memory estimate against the measured H200 peaks, on rows it was not fitted on ----
 
 
-@pytest.mark.parametrize("row", memory.CALIBRATION)
-def test_estimate_within_15_percent_of_measured(row):
+def _total(row, act_bytes, monkeypatch):
+    shape, mb, seq, ck, path, _measured, _source = row
+    monkeypatch.setitem(memory.ACT_BYTES, path, act_bytes)
+    return memory.estimate(memory.Shape(**shape), micro_batch=mb, seq_len=seq, checkpointing=ck, path=path,
+                           fused_loss=path == "fused").total_gib
+
+
+def _fit_act_bytes(rows, monkeypatch) -> float:
+    """ACT_BYTES[path] minimising the squared relative error on `rows` (the estimate is affine in it)."""
+    num = den = 0.0
+    for r in rows:
+        m, b = r[5], _total(r, 0, monkeypatch)
+        k = _total(r, 1, monkeypatch) - b
+        num, den = num + k / m * (1 - b / m), den + (k / m) ** 2
+    return num / den
+
+
+@pytest.mark.parametrize("fit_on,held_out", [("1B", "7B"), ("7B", "1B")])
+def test_estimate_predicts_the_model_it_was_not_fitted_on(fit_on, held_out, monkeypatch):
+    """The "upcast" path's constant fitted on one model's measured peaks predicts the other model's within
+    25% (leave-one-model-out error is 22-24% at worst on these rows; on the fitted rows it is under 15%,
+    which says little). The shipped constant lies between the two fits."""
+    shipped = memory.ACT_BYTES["upcast"]
+    shapes = {"1B": memory.SHAPE_1B, "7B": memory.SHAPE_7B}
+
+    def rows(name):
+        return [r for r in memory.CALIBRATION if r[0] is shapes[name] and r[4] == "upcast"]
+
+    a = _fit_act_bytes(rows(fit_on), monkeypatch)
+    assert 15 < a < 25 and min(a, shipped) / max(a, shipped) > 0.85
+    for r in rows(held_out):
+        assert abs(_total(r, a, monkeypatch) / r[5] - 1) < 0.25, (r, a)
+
+
+@pytest.mark.parametrize("row", [r for r in memory.CALIBRATION if r[4] != "upcast"], ids=lambda r: r[4])
+def test_single_row_paths_reproduce_the_row_they_come_from(row):
+    """"eager" and "fused" each have one measured row, from which their constant is computed: this only
+    guards the constant against an edit that forgets the row (no held-out row exists for them yet)."""
     shape, mb, seq, ck, path, measured, _source = row
     est = memory.estimate(memory.Shape(**shape), micro_batch=mb, seq_len=seq, checkpointing=ck, path=path,
                           fused_loss=path == "fused")
-    assert abs(est.total_gib / measured - 1) < 0.15
+    assert abs(est.total_gib / measured - 1) < 0.05
 
 
 @pytest.mark.parametrize("row", memory.HELD_OUT_FUSED)

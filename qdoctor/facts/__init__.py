@@ -57,9 +57,9 @@ def _gpu_visible(nvidia: dict) -> bool | None:
 
 
 def _highest_cc(nvidia: dict) -> str | None:
-    ccs = [g.get("compute_capability") for g in nvidia.get("gpus") or [] if g.get("visible", True)]
-    ccs = [c for c in ccs if c]
-    return max(ccs, key=lambda c: tuple(int(x) for x in c.split("."))) if ccs else None
+    from qdoctor.arch import highest
+
+    return highest(g.get("compute_capability") for g in nvidia.get("gpus") or [] if g.get("visible", True))
 
 
 def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=None, nvml=None,

@@ -1,7 +1,7 @@
 """bitsandbytes as shipped: its native libraries, their GPU code and dependencies, and the one it would load.
 
-`select_library` mirrors bitsandbytes' own loader (cextension.py) as a pure function; which rule
-applies to which release is data in matrix/bnb_loader.toml. Nothing here imports bitsandbytes.
+This module records what is shipped and the environment; which library the loader picks from them is
+decided by qdoctor.bnb_loader (one function, shared with the rules). Nothing here imports bitsandbytes.
 """
 
 from __future__ import annotations
@@ -9,131 +9,13 @@ from __future__ import annotations
 import os
 import re
 
+from qdoctor.bnb_loader import LIB_RE, select_library
 from qdoctor.facts import elf, libsearch
 from qdoctor.facts.packages import site_dirs
 from qdoctor.facts.torch_build import find_package
 
-_LIB = re.compile(r"^libbitsandbytes_(?P<name>.+?)\.(?:so|dll|dylib)$")
 _VERSION = re.compile(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", re.M)
 BIG_FILE = 64 << 20  # inspect files above this through the cache; small ones are quicker to re-read
-
-
-def load_rules() -> list[dict]:
-    """matrix/bnb_loader.toml (through matrix.load's cache, which `check` reads anyway)."""
-    from qdoctor import matrix
-
-    return matrix.load()["bnb_loader"]["loader"]
-
-
-def rule_for(version: str | None, rules: list[dict]) -> dict | None:
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    if not version:
-        return None
-    try:
-        v = Version(version)
-    except InvalidVersion:
-        return None
-    for r in rules:
-        if SpecifierSet(r["versions"]).contains(v, prereleases=True):
-            return r
-    return None
-
-
-def _split(compact: str, hip: bool) -> tuple[int, int] | None:
-    """'130' -> (13, 0); ROCm '72' -> (7, 2), '714' -> (7, 14) (cextension._split_cuda_version)."""
-    if not compact.isdigit() or len(compact) < 2:
-        return None
-    return (int(compact[:1]), int(compact[1:])) if hip else (int(compact[:2]), int(compact[2:]))
-
-
-def _version_tuple(text: str | None) -> tuple[int, int] | None:
-    parts = (text or "").split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (ValueError, IndexError):
-        return None
-
-
-def select_library(bnb_version, torch_cuda, torch_hip, available, environ, rules, *, torch_installed=True,
-                   cuda_available=None, highest_cc=None, torch_xpu=None) -> dict:
-    """Which libbitsandbytes_* the installed bitsandbytes would load on this torch.
-
-    `available`: shipped library names ('cuda130', 'cpu', 'rocm72', ...). `cuda_available`: False when
-    torch cannot see a GPU (bitsandbytes then loads its CPU library), None when unknown (assume it can).
-    Returns {'selected', 'selected_reason', 'selected_exists', 'override', 'error'}.
-    """
-    available = set(available)
-    out = {"selected": None, "selected_reason": None, "selected_exists": None, "override": None,
-           "error": None}
-    if not torch_installed:
-        out["selected_reason"] = "torch is not installed; bitsandbytes cannot load without it"
-        return out
-    rule = rule_for(bnb_version, rules)
-    if rule is None:
-        out["selected_reason"] = f"no loader rule known for bitsandbytes {bnb_version!r}"
-        return out
-    hip = bool(torch_hip)
-    if torch_xpu and not torch_cuda and not hip:
-        versioned = f"xpu{str(torch_xpu)[:4]}"
-        name = versioned if versioned in available else "xpu"
-        return {**out, "selected": name, "selected_exists": name in available,
-                "selected_reason": f"torch is an XPU build ({torch_xpu})"}
-    if not torch_cuda and not hip:
-        return {**out, "selected": "cpu", "selected_exists": "cpu" in available,
-                "selected_reason": "torch is a CPU-only build"}
-    if cuda_available is False and rule.get("cpu_library_when_no_cuda", True):
-        return {**out, "selected": "cpu", "selected_exists": "cpu" in available,
-                "selected_reason": "torch cannot see a GPU, so bitsandbytes loads its CPU library"}
-    prefix = "rocm" if hip else "cuda"
-    runtime = _version_tuple(torch_hip if hip else torch_cuda)
-    runtime_str = f"{runtime[0]}{runtime[1]}" if runtime else None
-    suffix = ""
-    below = rule.get("nocublaslt_below_cc")
-    cc = _version_tuple(highest_cc)
-    if below and not hip and cc and cc < _version_tuple(below):
-        suffix = "_nocublaslt"
-    var = rule.get("rocm_override") if hip else rule.get("override_var")
-    value = environ.get(var) if var else None
-    if value is not None and (rule.get("override_digits_only") or value != ""):
-        out["override"] = value
-        if rule.get("override_digits_only") and not value.isdigit():
-            out["error"] = f"{var}={value!r}: value must be digits only (e.g. '124' for 12.4)"
-            out["selected_reason"] = f"{var} is set to a non-digit value; the loader raises"
-            out["selected_exists"] = False
-            return out
-        name = f"{prefix}{value}{suffix}"
-        return {**out, "selected": name, "selected_exists": name in available,
-                "selected_reason": f"{var}={value} overrides the automatic choice"}
-    if runtime is None:
-        what = "HIP" if hip else "CUDA"
-        out["selected_reason"] = f"cannot parse torch's {what} version {torch_hip or torch_cuda!r}"
-        return out
-    exact = f"{prefix}{runtime_str}{suffix}"
-    label = f"torch {'ROCm' if hip else 'CUDA'} {runtime[0]}.{runtime[1]}"
-    if exact in available or rule["strategy"] == "exact":
-        return {**out, "selected": exact, "selected_exists": exact in available,
-                "selected_reason": f"exact match for {label}" if exact in available
-                else f"bitsandbytes {bnb_version} needs the exact library for {label}; it does not ship it"}
-    shipped = {}
-    for name in available:
-        if name.startswith(prefix):
-            v = _split(name[len(prefix):], hip)
-            if v:
-                shipped[v] = name
-    lower = [v for v in shipped if v[0] == runtime[0] and v < runtime]
-    higher = [v for v in shipped if v[0] == runtime[0] and v > runtime]
-    if lower:
-        v = max(lower)
-        reason = f"no library for {label}; the highest lower one of the same major ({v[0]}.{v[1]})"
-    elif higher:
-        v = min(higher)
-        reason = f"no library for {label}; the lowest higher one of the same major ({v[0]}.{v[1]})"
-    else:
-        return {**out, "selected": exact, "selected_exists": False,
-                "selected_reason": f"no library of the same major as {label} (never across majors)"}
-    return {**out, "selected": shipped[v], "selected_exists": True, "selected_reason": reason}
 
 
 def package_version(pkg_dir: str) -> str | None:
@@ -158,7 +40,7 @@ def scan_binaries(pkg_dir: str, search_paths, environ, ld_cache=None) -> dict:
     except OSError:
         return out
     for fname in files:
-        m = _LIB.match(fname)
+        m = LIB_RE.match(fname)
         if not m:
             continue
         path = os.path.join(pkg_dir, fname)
@@ -203,7 +85,7 @@ def wheel_tag(pkg_dir: str, version: str | None) -> str | None:
     return None
 
 
-def collect(paths=None, packages=None, environ=None, rules=None) -> dict:
+def collect(paths=None, packages=None, environ=None) -> dict:
     """The static part; `select` (below) is applied once torch and nvidia facts are known."""
     environ = os.environ if environ is None else environ
     out = {"installed": False, "version": (packages or {}).get("bitsandbytes"), "path": None, "binaries": {},
@@ -226,9 +108,12 @@ def collect(paths=None, packages=None, environ=None, rules=None) -> dict:
 def select(bnb: dict, torch: dict, environ, cuda_available=None, highest_cc=None, rules=None) -> dict:
     if not bnb.get("installed"):
         return bnb
+    if rules is None:
+        from qdoctor import bnb_loader, matrix
+
+        rules = bnb_loader.rules(matrix.load())
     sel = select_library(bnb.get("version"), torch.get("cuda"), torch.get("hip"),
-                         list(bnb.get("binaries") or ()),
-                         environ, rules if rules is not None else load_rules(),
+                         list(bnb.get("binaries") or ()), environ, rules,
                          torch_installed=bool(torch.get("installed")), cuda_available=cuda_available,
                          highest_cc=highest_cc, torch_xpu=torch.get("xpu"))
     out = dict(bnb)

@@ -1,14 +1,18 @@
 """The NVIDIA driver and GPUs, through NVML (nvidia-ml-py): no CUDA context, no torch.
 
 NVML sees every GPU regardless of CUDA_VISIBLE_DEVICES, so each GPU also gets `visible`, computed
-from that variable the way the CUDA runtime reads it. `nvml` is injectable: tests pass a fake
-module to exercise every fallback on a machine without a GPU.
+from that variable the way the CUDA runtime reads it (qdoctor.devices, which also maps CUDA
+ordinals to NVML GPUs). `nvml` is injectable: tests pass a fake module to exercise every fallback
+on a machine without a GPU.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from qdoctor.arch import cc_str
+from qdoctor.devices import Unmappable, parse_visible
 
 VIRT_MODES = {0: "none", 1: "passthrough", 2: "vgpu", 3: "host-vgpu", 4: "host-vsga"}
 # nvmlGpuFabricState_t: on NVSwitch systems (Hopper+) CUDA waits for "completed" (error 802 until then)
@@ -34,35 +38,6 @@ def cuda_driver_version(n) -> str | None:
     except (TypeError, ValueError):
         return None
     return f"{n // 1000}.{(n % 1000) // 10}" if n > 0 else None
-
-
-def parse_visible(value: str | None, gpus: list[dict]) -> set[int] | None:
-    """NVML indices that CUDA_VISIBLE_DEVICES lets CUDA see; None = the variable is unset (all visible).
-
-    Entries are CUDA ordinals or (prefixes of) GPU UUIDs, comma-separated; like the CUDA runtime,
-    reading stops at the first entry that names no device. Ordinals are taken to be NVML order, which
-    CUDA follows with CUDA_DEVICE_ORDER=PCI_BUS_ID (and in practice on single-model machines).
-    """
-    if value is None:
-        return None
-    seen: list[int] = []
-    by_index = {g.get("index"): g for g in gpus}
-    for raw in value.split(","):
-        tok = raw.strip()
-        if not tok:
-            break
-        idx = None
-        if tok.lstrip("+").isdigit():
-            i = int(tok)
-            idx = i if i in by_index else None
-        elif tok.upper().startswith(("GPU-", "MIG-")):
-            matches = [g["index"] for g in gpus
-                       if g.get("uuid") and str(g["uuid"]).lower().startswith(tok.lower())]
-            idx = matches[0] if len(matches) == 1 else None
-        if idx is None or idx in seen:
-            break
-        seen.append(idx)
-    return set(seen)
 
 
 def _load_nvml():
@@ -119,7 +94,10 @@ def collect(nvml=None, environ=None) -> dict:
         _try(nvml.nvmlShutdown)
     if not out["gpus"]:
         return {**out, "status": "no-gpu", "error": "the NVIDIA driver reports no GPU"}
-    visible = parse_visible(out["cuda_visible_devices"], out["gpus"])
+    try:
+        visible = parse_visible(out["cuda_visible_devices"], out["gpus"])
+    except Unmappable:  # a MIG instance: not modelled, every GPU counts as visible (qdoctor.devices)
+        visible = None
     for g in out["gpus"]:
         g["visible"] = True if visible is None else g["index"] in visible
     out["status"] = "ok"
@@ -145,8 +123,7 @@ def _gpu(nvml, i: int) -> dict:
         return g
     g["name"] = _try(lambda: _text(nvml.nvmlDeviceGetName(h)))
     g["uuid"] = _try(lambda: _text(nvml.nvmlDeviceGetUUID(h)))
-    cc = _try(lambda: tuple(nvml.nvmlDeviceGetCudaComputeCapability(h)))
-    g["compute_capability"] = f"{cc[0]}.{cc[1]}" if cc else None
+    g["compute_capability"] = _try(lambda: cc_str(tuple(nvml.nvmlDeviceGetCudaComputeCapability(h))))
     g["virtualization"] = _try(lambda: VIRT_MODES.get(nvml.nvmlDeviceGetVirtualizationMode(h)))
     g["fabric_state"] = _try(lambda: fabric_state(nvml, h))
     mem = _try(lambda: nvml.nvmlDeviceGetMemoryInfo(h))

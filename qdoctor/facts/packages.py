@@ -14,7 +14,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-STACK = ("torch", "bitsandbytes", "transformers", "peft", "accelerate")
+# reported besides the stack (qdoctor.matrix.stack(): the QLoRA stack itself lives in matrix/packages.toml)
 NEIGHBOURS = (
     "triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu", "numpy", "safetensors",
     "tokenizers", "huggingface-hub", "hf-xet", "hf-transfer", "trl", "datasets", "xformers", "flash-attn",
@@ -25,8 +25,8 @@ NEIGHBOURS = (
     "cupy", "cuda-python", "cuda-bindings", "ninja", "wheel", "pip", "llamafactory", "axolotl",
 )
 PREFIXES = ("nvidia-", "bitsandbytes", "torch", "triton", "cupy-", "cuda-", "flash-attn", "unsloth")
-# whose requirements are checked (the stack and the ML packages around it; qdoctor's own too)
-CHECKED = STACK + (
+# whose requirements are checked besides the stack (the ML packages around it; qdoctor's own too)
+CHECKED_NEIGHBOURS = (
     "triton", "trl", "safetensors", "tokenizers", "huggingface-hub", "datasets", "torchvision", "torchaudio",
     "torchao", "xformers", "flash-attn", "deepspeed", "unsloth", "unsloth-zoo", "optimum", "qdoctor",
     "llamafactory", "axolotl", "liger-kernel",
@@ -41,8 +41,18 @@ def normalize_name(name: str) -> str:
     return _NORM.sub("-", name).lower()
 
 
+def stack() -> tuple[str, ...]:
+    from qdoctor import matrix
+
+    return matrix.stack()
+
+
+def checked_names() -> tuple[str, ...]:
+    return stack() + CHECKED_NEIGHBOURS
+
+
 def is_reported(name: str) -> bool:
-    return name in STACK or name in NEIGHBOURS or name.startswith(PREFIXES)
+    return name in stack() or name in NEIGHBOURS or name.startswith(PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -195,7 +205,7 @@ def find_conflicts(dists, namespace=is_namespace) -> list[dict]:
     return out
 
 
-def unmet_requirements(dists, checked=CHECKED, marker_env=None) -> list[dict]:
+def unmet_requirements(dists, checked=None, marker_env=None) -> list[dict]:
     """Requirements of the checked distributions that the installed set does not satisfy.
 
     Extras-only requirements are ignored; markers are evaluated for this interpreter. A version
@@ -205,6 +215,7 @@ def unmet_requirements(dists, checked=CHECKED, marker_env=None) -> list[dict]:
     from packaging.requirements import InvalidRequirement, Requirement
     from packaging.version import InvalidVersion, Version
 
+    checked = checked_names() if checked is None else checked
     installed: dict[str, str | None] = {}
     for d in dists:
         installed.setdefault(d.name, d.version)
@@ -259,12 +270,12 @@ def collect(paths=None, use_cache: bool = True) -> dict:
     if isinstance(hit, dict) and "conflicts" in hit and "requirements" in hit:
         return {"packages": dict(sorted(packages.items())), "conflicts": hit["conflicts"],
                 "requirements": hit["requirements"], "cached": True}
-    full = []
+    full, check = [], checked_names()
     for d in listed:
-        meta = read_metadata(d.path) if (d.name in CHECKED or d.name.startswith("bitsandbytes")) else {}
+        meta = read_metadata(d.path) if (d.name in check or d.name.startswith("bitsandbytes")) else {}
         full.append(Dist(d.name, d.version, tuple(meta.get("requires") or ()), read_top_level(d.path),
                          d.location, d.path))
-    res = {"conflicts": find_conflicts(full), "requirements": unmet_requirements(full)}
+    res = {"conflicts": find_conflicts(full), "requirements": unmet_requirements(full, check)}
     if use_cache:
         cache.store("packages", key, res)
     return {"packages": dict(sorted(packages.items())), **res, "cached": False}

@@ -10,15 +10,11 @@ from __future__ import annotations
 import time
 
 from qdoctor import cache
+from qdoctor.arch import cc_tuple
 from qdoctor.isolate import tail_lines
 
-MAX_AGE_S = 24 * 3600  # a cached deep result older than this is not shown by a plain check
+MAX_AGE_S = cache.MAX_AGE_S  # a cached deep result older than this is not shown by a plain check
 CACHE_KIND = "runtime"
-
-
-def _sm_number(arch: str) -> int:
-    digits = "".join(c for c in arch.split("_")[-1] if c.isdigit())
-    return int(digits or 0)
 
 
 def probe() -> dict:
@@ -170,7 +166,7 @@ def merge(facts: dict, result: dict) -> dict:
                 torch["arch_list"] = sass
             ptx = {a.replace("compute_", "sm_") for a in runtime_arch if a.startswith("compute_")}
             if ptx:
-                torch["ptx"] = sorted(set(torch.get("ptx") or []) | ptx, key=_sm_number)
+                torch["ptx"] = sorted(set(torch.get("ptx") or []) | ptx, key=lambda a: cc_tuple(a) or (0, 0))
         if t.get("error"):
             torch["error"] = t["error"]
     elif t.get("error"):

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import re
 
+from qdoctor import bnb_loader
 from qdoctor.findings import Finding
 from qdoctor.rules import rule
 from qdoctor.rules.common import (
     arch_runs,
     arch_span,
-    area_has_problem,
     bnb,
     bnb_feature,
     bnb_lib_archs,
     bnb_libs,
     bnb_pick,
     bnb_release,
+    bnb_rules,
     bnb_version,
     cap,
     cc_tuple,
@@ -53,7 +54,8 @@ def _state(facts, matrix) -> dict:
     libs = bnb_libs(facts, matrix, ver)
     tc = torch_cuda(facts)
     ov = _override(facts)
-    loader = (rel or {}).get("loader", "exact")
+    rule = bnb_loader.rule_for(ver, bnb_rules(matrix)) or {}
+    loader = rule.get("strategy", "exact")
     installed = b.get("installed")
     if installed is None and ver:
         installed = True
@@ -64,7 +66,7 @@ def _state(facts, matrix) -> dict:
             sel = f"cuda{ov}"
             exists = sel in libs
         else:
-            sel = bnb_pick(libs, tc, loader)
+            sel = bnb_pick(matrix, ver, libs, tc)
             exists = sel is not None
             sel = sel or f"cuda{tc[0]}{tc[1]}"
     return {
@@ -89,12 +91,12 @@ def _libs_text(libs) -> str:
     return ", ".join(libs) if libs else "none"
 
 
-@rule("QD400", "bitsandbytes-summary", AREA)
+@rule("QD400", "bitsandbytes-summary", AREA, summary=True)
 def bnb_summary(facts, matrix):
     """One line with the bitsandbytes version, the library it loads and the GPU code in it, shown when
     nothing is wrong in this area."""
     s = _state(facts, matrix)
-    if not s["installed"] or area_has_problem(AREA, facts, matrix, "QD400"):
+    if not s["installed"]:
         return []
     sel = s["selected"]
     title = f"bitsandbytes {s['ver']}"
@@ -195,7 +197,7 @@ def bnb_override_missing(facts, matrix):
     if not s["installed"] or not s["ov"] or s["exists"] is not False:
         return []
     tc = s["tc"]
-    default = bnb_pick(s["libs"], tc, s["loader"]) if tc else None
+    default = bnb_pick(matrix, s["ver"], s["libs"], tc) if tc else None
     ev = [
         f"env BNB_CUDA_VERSION = {s['ov']} -> libbitsandbytes_{s['selected'] or 'cuda' + s['ov']}",
         f"libraries in bitsandbytes {s['ver']}: {_libs_text(s['libs'])}",
@@ -237,11 +239,11 @@ def _arch_fix(facts, matrix, s, gpus):
         ccs,
         tv,
         python_version(facts),
-        accept=lambda w: bnb_pick(s["libs"], w.get("cuda"), s["loader"]) in covering,
+        accept=lambda w: bnb_pick(matrix, s["ver"], s["libs"], w.get("cuda")) in covering,
     )
     if pick:
         w, m, _ = pick
-        lib = bnb_pick(s["libs"], w["cuda"], s["loader"])
+        lib = bnb_pick(matrix, s["ver"], s["libs"], w["cuda"])
         return covering, f"{pip_torch(w, m, tv)}  # then bitsandbytes loads {lib}, which has it"
     tc = s["tc"]
     same = [lib for lib in covering if tc and cuda_tuple(lib)[0] == tc[0]]

@@ -6,37 +6,65 @@ a rule that cannot decide stays silent.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from qdoctor import bnb_loader, devices
+from qdoctor.arch import arch_runs, arch_span, cc_tuple, sm  # noqa: F401 - re-exported for the rules
+from qdoctor.devices import all_gpus  # noqa: F401 - re-exported for the rules
+
 TORCH_INDEX = "https://download.pytorch.org/whl/{variant}"
 
 
 # ---------------------------------------------------------------- versions
+# Parsing is cached: a judge asks the same few dozen (version, specifier) questions thousands of times
+# (pick_wheel walks every torch minor x wheel x driver mode), and a SpecifierSet costs ~20 us to build.
 def version(s) -> Version | None:
     if not isinstance(s, str) or not s.strip():
         return None
+    return _version(s.strip())
+
+
+@functools.lru_cache(maxsize=2048)
+def _version(s: str) -> Version | None:
     try:
-        return Version(s.strip())
+        return Version(s)
     except InvalidVersion:
-        m = re.match(r"\d+(\.\d+)*", s.strip())
+        m = re.match(r"\d+(\.\d+)*", s)
         try:
             return Version(m.group(0)) if m else None
         except InvalidVersion:
             return None
 
 
-def matches(ver, spec: str | None) -> bool | None:
-    """Does version string `ver` satisfy SpecifierSet `spec`? None when either is unknown."""
-    v = version(ver) if not isinstance(ver, Version) else ver
-    if v is None or not spec:
-        return None
+@functools.lru_cache(maxsize=1024)
+def specifier(spec: str) -> SpecifierSet | None:
     try:
-        return SpecifierSet(spec).contains(Version(v.public), prereleases=True)
+        return SpecifierSet(spec)
     except InvalidSpecifier:
         return None
+
+
+def matches(ver, spec: str | None) -> bool | None:
+    """Does version string `ver` satisfy SpecifierSet `spec`? None when either is unknown."""
+    if not spec:
+        return None
+    if isinstance(ver, Version):
+        ver = str(ver)
+    if not isinstance(ver, str):
+        return None
+    return _matches(ver.strip(), spec)
+
+
+@functools.lru_cache(maxsize=8192)
+def _matches(ver: str, spec: str) -> bool | None:
+    v, sp = version(ver), specifier(spec)
+    if v is None or sp is None:
+        return None
+    return sp.contains(Version(v.public), prereleases=True)
 
 
 def base(ver) -> str | None:
@@ -63,6 +91,11 @@ def cuda_tuple(s) -> tuple[int, int] | None:
     """'12.6' / '12.6.77' / '126' (bnb lib style) -> (12, 6)."""
     if not isinstance(s, str) or not s:
         return None
+    return _cuda_tuple(s)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cuda_tuple(s: str) -> tuple[int, int] | None:
     m = re.fullmatch(r"(\d+)\.(\d+)(\.\d+)?", s.strip())
     if m:
         return int(m.group(1)), int(m.group(2))
@@ -78,76 +111,9 @@ def cuda_str(t) -> str:
 
 
 # ---------------------------------------------------------------- GPUs and architectures
-def cc_tuple(s) -> tuple[int, int] | None:
-    """'9.0' / 'sm_90' / 'sm_90a' / 'compute_120' / '12.0' -> (9, 0) / (12, 0)."""
-    if isinstance(s, (list, tuple)) and len(s) == 2:
-        return int(s[0]), int(s[1])
-    if not isinstance(s, str):
-        return None
-    m = re.fullmatch(r"(\d+)\.(\d+)", s.strip())
-    if m:
-        return int(m.group(1)), int(m.group(2))
-    m = re.fullmatch(r"(?:sm|compute)_(\d+)(\d)[af]?", s.strip())
-    if m:
-        return int(m.group(1)), int(m.group(2))
-    return None
-
-
-def sm(cc) -> str:
-    t = cc_tuple(cc) if not isinstance(cc, tuple) else cc
-    return f"sm_{t[0]}{t[1]}" if t else "sm_?"
-
-
-def arch_runs(cc, sass, ptx) -> bool | None:
-    """Can code built for `sass` (cubins) / `ptx` run on a GPU of capability `cc`?
-
-    A cubin runs on the same major with an equal or higher minor; PTX is JIT-compiled for any GPU of
-    equal or higher capability. Arch-specific cubins (sm_90a) run only on that exact GPU.
-    """
-    c = cc_tuple(cc)
-    if c is None or sass is None:
-        return None
-    for a in sass or []:
-        t = cc_tuple(a)
-        if t is None:
-            continue
-        if isinstance(a, str) and a.endswith(("a", "f")):
-            if t == c:
-                return True
-            continue
-        if t[0] == c[0] and t[1] <= c[1]:
-            return True
-    return any((t := cc_tuple(a)) is not None and t <= c for a in (ptx or []))
-
-
-def arch_span(sass, ptx) -> str:
-    sass = [a for a in (sass or []) if cc_tuple(a)]
-    s = ", ".join(sass) if sass else "no cubins"
-    if ptx:
-        s += " + PTX " + ", ".join(ptx)
-    return s
-
-
 def visible_gpus(facts: dict) -> list[dict]:
-    """GPUs the training process will see: nvidia.gpus[].visible when the collector set it, else
-    CUDA_VISIBLE_DEVICES from env, read the way the collector reads it (facts.nvidia.parse_visible)."""
-    from qdoctor.facts.nvidia import parse_visible
-
-    gpus = [g for g in ((facts.get("nvidia") or {}).get("gpus") or []) if isinstance(g, dict)]
-    if any("visible" in g for g in gpus):
-        return [g for g in gpus if g.get("visible") is not False]
-    cvd = (facts.get("env") or {}).get("CUDA_VISIBLE_DEVICES")
-    if cvd is None:
-        return gpus
-    uuids = any(t.strip().upper().startswith(("GPU-", "MIG-")) for t in str(cvd).split(","))
-    if uuids and not any(g.get("uuid") for g in gpus):
-        return gpus  # UUIDs this snapshot cannot map to its GPUs: assume all visible
-    keep = parse_visible(str(cvd), gpus)
-    return [g for g in gpus if g.get("index") in keep]
-
-
-def all_gpus(facts: dict) -> list[dict]:
-    return [g for g in ((facts.get("nvidia") or {}).get("gpus") or []) if isinstance(g, dict)]
+    """GPUs the training process will see, in CUDA ordinal order (qdoctor.devices decides)."""
+    return list(devices.visible(facts).gpus)
 
 
 def gpu_label(g: dict) -> str:
@@ -259,6 +225,12 @@ def wheels_for(matrix: dict, torch_ver) -> list[dict]:
     return [w for w in wheels(matrix) if matches(torch_ver, w.get("torch"))]
 
 
+def cited(entry: dict) -> str:
+    """How sure the matrix is of an entry, for the evidence: ' (matrix, confidence: inferred)'."""
+    c = entry.get("confidence")
+    return f" (matrix, confidence: {c})" if c else " (matrix)"
+
+
 def wheel_entry(matrix: dict, torch_ver, cuda) -> dict | None:
     c = cuda_tuple(cuda) if not isinstance(cuda, tuple) else cuda
     for w in wheels_for(matrix, torch_ver):
@@ -282,13 +254,13 @@ def latest_torch_minor(matrix: dict) -> str | None:
 
 def torch_minors(matrix: dict) -> list[str]:
     """Every torch minor the matrix describes, newest first."""
-    out = set()
-    for w in wheels(matrix):
-        for x in range(0, 30):
-            v = f"2.{x}.0"
-            if matches(v, w.get("torch")):
-                out.add(f"2.{x}")
-    return sorted(out, key=lambda s: tuple(int(p) for p in s.split(".")), reverse=True)
+    return list(_torch_minors(tuple(w.get("torch") or "" for w in wheels(matrix))))
+
+
+@functools.lru_cache(maxsize=8)
+def _torch_minors(specs: tuple[str, ...]) -> tuple[str, ...]:
+    out = {f"2.{x}" for spec in set(specs) for x in range(0, 30) if matches(f"2.{x}.0", spec)}
+    return tuple(sorted(out, key=lambda s: tuple(int(p) for p in s.split(".")), reverse=True))
 
 
 def pick_wheel(facts: dict, matrix: dict, ccs, torch_ver=None, python=None, accept=None):
@@ -365,22 +337,14 @@ def bnb_libs(facts: dict, matrix: dict, ver=None) -> list[str] | None:
     return list(r.get("cuda_libs", [])) if r else None
 
 
-def bnb_pick(libs, cuda, loader: str = "exact") -> str | None:
-    """Mirror of bitsandbytes' loader choice for a torch CUDA version (no override)."""
-    c = cuda_tuple(cuda) if not isinstance(cuda, tuple) else cuda
-    if c is None or libs is None:
-        return None
-    have = {cuda_tuple(x): x for x in libs if cuda_tuple(x)}
-    if c in have:
-        return have[c]
-    if loader != "nearest":
-        return None
-    same = sorted(t for t in have if t[0] == c[0])
-    lower = [t for t in same if t <= c]
-    if lower:
-        return have[lower[-1]]
-    higher = [t for t in same if t > c]
-    return have[higher[0]] if higher else None
+def bnb_rules(matrix: dict) -> list[dict]:
+    return bnb_loader.rules(matrix)
+
+
+def bnb_pick(matrix: dict, ver, libs, cuda) -> str | None:
+    """The CUDA library bitsandbytes `ver` would load for torch CUDA `cuda` (no override), or None:
+    qdoctor.bnb_loader decides, as it does for the facts."""
+    return bnb_loader.pick(ver, libs, cuda, bnb_rules(matrix))
 
 
 def bnb_lib_archs(facts: dict, matrix: dict, lib: str, machine=None):
@@ -406,12 +370,10 @@ def first_bnb_with_lib(matrix: dict, cuda) -> str | None:
     """The first bitsandbytes release whose loader finds a library for torch CUDA `cuda`."""
     best = None
     for r in (matrix.get("bitsandbytes") or {}).get("release", []):
-        if bnb_pick(r.get("cuda_libs"), cuda, r.get("loader", "exact")):
-            lo = [sp.version for sp in SpecifierSet(r["versions"]) if sp.operator in (">=", "==")]
-            if lo:
-                v = version(lo[0].replace(".*", ".0"))
-                if v and (best is None or v < best):
-                    best = v
+        lo = [sp.version for sp in SpecifierSet(r["versions"]) if sp.operator in (">=", "==")]
+        v = version(lo[0].replace(".*", ".0")) if lo else None
+        if v and bnb_pick(matrix, str(v), r.get("cuda_libs"), cuda) and (best is None or v < best):
+            best = v
     return str(best) if best else None
 
 
@@ -425,23 +387,6 @@ def pkg(facts: dict, name: str) -> str | None:
 
 def has_nvidia_gpu(facts: dict) -> bool:
     return bool(all_gpus(facts))
-
-
-# ---------------------------------------------------------------- area summaries
-def area_has_problem(area: str, facts: dict, matrix: dict, skip: str) -> bool:
-    """True when another rule of `area` reports a warning or an error: the area's one `ok` summary is
-    emitted only when nothing is wrong there. Rules are pure, so running them again is safe and cheap."""
-    from qdoctor.rules import REGISTRY
-
-    for r in REGISTRY:
-        if r.area != area or r.code == skip:
-            continue
-        try:
-            if any(f.severity in ("warning", "error") for f in (r.func(facts, matrix) or [])):
-                return True
-        except Exception:  # the crash itself is reported by judge() as QD001
-            return True
-    return False
 
 
 def gib(mib) -> str:

@@ -12,11 +12,9 @@ from qdoctor.redact import is_secret_name
 from qdoctor.rules import rule
 from qdoctor.rules.common import (
     all_gpus,
-    area_has_problem,
     bnb,
     bnb_libs,
     bnb_pick,
-    bnb_release,
     bnb_version,
     cuda_str,
     group_label,
@@ -42,12 +40,12 @@ def _truthy(v) -> bool:
     return isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on")
 
 
-@rule("QD600", "environment-summary", AREA)
+@rule("QD600", "environment-summary", AREA, summary=True)
 def env_summary(facts, matrix):
     """One line naming the variables that matter to training and their values, shown when nothing is
     wrong in this area."""
     env = _env(facts)
-    if not env or area_has_problem(AREA, facts, matrix, "QD600"):
+    if not env:
         return []
     set_ = [f"{k}={env[k]}" for k in _SHOWN if env.get(k) is not None]
     title = ", ".join(set_) if set_ else "no variables that change GPU, library or hub behaviour are set"
@@ -158,8 +156,7 @@ def bnb_override(facts, matrix):
     if libs is not None and f"cuda{ov}" not in libs:
         return []  # QD403
     tc = torch_cuda(facts)
-    rel = bnb_release(matrix, ver) if ver else None
-    default = bnb_pick(libs, tc, (rel or {}).get("loader", "exact")) if tc and libs is not None else None
+    default = bnb_pick(matrix, ver, libs, tc) if tc and libs is not None else None
     if default == f"cuda{ov}":
         return []
     ev = [f"env.BNB_CUDA_VERSION = {ov} -> libbitsandbytes_cuda{ov}"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from qdoctor.findings import Finding
 from qdoctor.rules import rule
-from qdoctor.rules.common import bnb, bnb_version, torch_version
+from qdoctor.rules.common import bnb, bnb_version, sm, torch_version
 
 
 def _jetson(facts) -> dict | None:
@@ -39,7 +39,7 @@ def jetson(facts, matrix):
     tv = torch_version(facts) or ""
     cc = _board_cc(matrix, j.get("model"))
     title = f"NVIDIA Jetson: {j.get('model') or 'unknown board'}, L4T R{j.get('l4t')}" + (
-        f", GPU sm_{cc.replace('.', '')}" if cc else "")
+        f", GPU {sm(cc)}" if cc else "")
     ev = [f"driver.jetson.l4t = {j.get('l4t')}", f"driver.jetson.model = {j.get('model')}",
           "no NVML on L4T: GPU facts come from the board"]
     if not tv or (t.get("cuda") and ".nv" in tv):

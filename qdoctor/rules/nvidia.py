@@ -5,7 +5,6 @@ from __future__ import annotations
 from qdoctor.findings import Finding
 from qdoctor.rules import rule
 from qdoctor.rules.common import (
-    area_has_problem,
     cap,
     cc_tuple,
     compat_floor,
@@ -33,13 +32,13 @@ def _nv(facts):
     return facts.get("nvidia") or {}
 
 
-@rule("QD200", "nvidia-summary", AREA)
+@rule("QD200", "nvidia-summary", AREA, summary=True)
 def nvidia_summary(facts, matrix):
     """One line with the driver, the CUDA version it supports and every GPU (name, arch, memory), shown
     when nothing is wrong in this area."""
     nv = _nv(facts)
     gpus = [g for g in (nv.get("gpus") or []) if isinstance(g, dict)]
-    if not gpus or area_has_problem(AREA, facts, matrix, "QD200"):
+    if not gpus:
         return []
     dc = driver_cuda(facts, matrix)
     head = f"driver {nv.get('driver') or '?'}" + (f" (CUDA {cuda_str(dc)})" if dc else "")
@@ -199,6 +198,37 @@ def no_bf16(facts, matrix):
             AREA,
         )
     ]
+
+
+@rule("QD208", "gpu-architecture-unknown", AREA)
+def cc_unknown(facts, matrix):
+    """A visible GPU's compute capability is missing or unreadable (NVML did not answer, or a snapshot
+    holds something that is not 'major.minor'): whether torch and bitsandbytes carry code for it cannot
+    be checked, so the arch rules (QD303, QD404, QD409) stay silent about it. Warning, not error: the
+    GPU may well work, but READY would claim what was not verified (and `--strict` gates on it)."""
+    bad = [g for g in visible_gpus(facts) if cc_tuple(g.get("compute_capability")) is None]
+    if not bad:
+        return []
+    ev = [f"GPU {g.get('index', '?')} {g.get('name') or 'unknown GPU'}: compute_capability = "
+          f"{g.get('compute_capability')!r}" for g in bad]
+    ev.append("kernel coverage of torch and bitsandbytes not verified for "
+              + ", ".join(f"GPU {g.get('index', '?')}" for g in bad))
+    return [
+        Finding(
+            "QD208",
+            "warning",
+            f"{', '.join(gpu_name(g) for g in bad)}: architecture unknown, so kernel coverage cannot be "
+            "verified",
+            ev,
+            "nvidia-smi --query-gpu=index,name,compute_cap --format=csv  # then run `qdoctor smoke`, whose "
+            "probes run the kernels on this GPU",
+            AREA,
+        )
+    ]
+
+
+def gpu_name(g: dict) -> str:
+    return f"GPU {g.get('index', '?')} ({g.get('name') or 'unknown GPU'})"
 
 
 @rule("QD204", "mixed-gpus", AREA)

@@ -7,9 +7,10 @@ import re
 
 from packaging.requirements import InvalidRequirement, Requirement
 
+from qdoctor import extra, matrix
 from qdoctor.findings import Finding
 from qdoctor.rules import rule
-from qdoctor.rules.common import area_has_problem, matches, python_version, torch_cuda
+from qdoctor.rules.common import matches, python_version, torch_cuda
 
 AREA = "packages"
 
@@ -22,20 +23,20 @@ def _pkgs(facts) -> dict:
     return {_norm(k): v for k, v in (facts.get("packages") or {}).items() if isinstance(v, str)}
 
 
-def _stack(matrix) -> list[str]:
-    return list(((matrix.get("packages") or {}).get("stack") or {}).get("core", []))
+def _stack(mx) -> list[str]:
+    return list(matrix.stack(mx))
 
 
-def _neighbours(matrix) -> list[str]:
-    return list(((matrix.get("packages") or {}).get("stack") or {}).get("neighbours", []))
+def _neighbours(mx) -> list[str]:
+    return list(matrix.stack_neighbours(mx))
 
 
-@rule("QD500", "packages-summary", AREA)
+@rule("QD500", "packages-summary", AREA, summary=True)
 def packages_summary(facts, matrix):
     """One line with the versions of the QLoRA stack, shown when no conflict or known-bad combination
     was found."""
     pk = _pkgs(facts)
-    if not pk or area_has_problem(AREA, facts, matrix, "QD500"):
+    if not pk:
         return []
     shown = [f"{n} {pk[n]}" for n in _stack(matrix) if n in pk]
     return [
@@ -168,24 +169,30 @@ def known_bad(facts, matrix):
 
 @rule("QD504", "stack-package-missing", AREA)
 def stack_missing(facts, matrix):
-    """transformers, peft or accelerate is not installed: the QLoRA recipe (4-bit load, LoRA adapters,
-    Trainer) needs all three. Warning. (torch and bitsandbytes have their own rules, QD301 and QD401.)"""
+    """A package of the QLoRA stack (torch, bitsandbytes, transformers, peft, accelerate) is not
+    installed: `check` works without them, `smoke` and `train` do not. qdoctor's own install leaves them
+    out on purpose (it must not change the environment it diagnoses); the `train` extra brings them.
+    Warning, with the extra's pip command (torch and bitsandbytes also have their errors, QD301/QD401)."""
     pk = _pkgs(facts)
     if not pk:
         return []
-    missing = [n for n in _stack(matrix) if n not in ("torch", "bitsandbytes") and n not in pk]
+    missing = [n for n in _stack(matrix) if n not in pk]
     if not missing:
         return []
+    first = ("install the torch wheel QD301 names first (pip would pick a default CUDA build), then:\n"
+             if "torch" in missing and (facts.get("nvidia") or {}).get("gpus") else "")
     return [
         Finding(
             "QD504",
             "warning",
-            f"not installed: {', '.join(missing)}",
-            [f"packages has no {n}" for n in missing],
-            f"pip install -U {' '.join(missing)}",
+            f"`qdoctor smoke` and `qdoctor train` need {', '.join(missing)} (not installed)",
+            [f"packages has no {n}" for n in missing]
+            + ["qdoctor's own install brings only what `check` needs; the stack is its `train` extra"],
+            first + extra.FIX,
             AREA,
         )
     ]
+
 
 
 @rule("QD505", "python-below-package-floor", AREA)

@@ -8,8 +8,8 @@ from qdoctor.rules.common import (
     TORCH_INDEX,
     arch_runs,
     arch_span,
-    area_has_problem,
     cc_tuple,
+    cited,
     cuda_str,
     driver_min,
     group_label,
@@ -51,7 +51,7 @@ def _archs(facts, matrix):
         return sass, sorted(set(ptx), key=lambda a: cc_tuple(a) or (0, 0)), "torch.arch_list"
     w = wheel_entry(matrix, torch_version(facts), torch_cuda(facts))
     if w:
-        return w.get("sass"), w.get("ptx"), f"matrix torch_wheels ({w['variant']})"
+        return w.get("sass"), w.get("ptx"), f"torch_wheels {w['variant']} row{cited(w)}"
     return None, None, None
 
 
@@ -80,12 +80,12 @@ def _wheel_fix(facts, matrix, ccs, tv, python):
     return None, None
 
 
-@rule("QD300", "torch-summary", AREA)
+@rule("QD300", "torch-summary", AREA, summary=True)
 def torch_summary(facts, matrix):
     """One line with the torch version, its CUDA and the GPU code it carries, shown when nothing is wrong."""
     t = _t(facts)
     tv = torch_version(facts)
-    if not tv or area_has_problem(AREA, facts, matrix, "QD300"):
+    if not tv:
         return []
     sass, ptx, origin = _archs(facts, matrix)
     if t.get("cuda"):
@@ -181,7 +181,7 @@ def torch_arch(facts, matrix):
         why = "too new for this build" if lows and c > max(lows) else "too old for this build"
         ev.append(f"GPU {g.get('index')} {g.get('name')}: {sm(c)} ({why})")
     if w:
-        ev.append(f"torch {w['variant']} wheels contain {arch_span(w.get('sass'), w.get('ptx'))}")
+        ev.append(f"torch {w['variant']} wheels contain {arch_span(w.get('sass'), w.get('ptx'))}{cited(w)}")
     ev.append(
         "torch.cuda.is_available() still returns True; kernels fail with 'no kernel image is available'"
     )

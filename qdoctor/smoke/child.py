@@ -47,6 +47,10 @@ def run_one(probe: str, target: str, ctx: dict) -> dict:
     """The payload the parent turns into a ProbeResult."""
     from qdoctor.smoke.probes.ctx import Ctx
 
+    if ctx.get("inject") in ("abort", "hang", "killserver"):
+        # these never return: they test the runner's isolation, which needs nothing imported, and a
+        # spawned probe must not spend its timeout importing torch first
+        _inject_before(ctx["inject"])
     try:  # torch may be what is broken: the imports probe must still report it
         import torch
 

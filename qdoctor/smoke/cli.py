@@ -35,7 +35,8 @@ def _progress(enabled: bool):
               help="Run only this probe (repeatable): imports, device, nf4, matmul4bit, lora_step, "
                    "optim8bit, save_load, precision.")
 @click.option("--device", default=None, metavar="cpu|cuda:N",
-              help="Where the probes compute (default: cuda:0 if the check sees a usable GPU, else cpu).")
+              help="Where the probes compute; cuda:N is the N-th GPU CUDA_VISIBLE_DEVICES lets through "
+                   "(default: cuda:0 if torch can use a visible GPU, else cpu).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
               help="Seconds allowed to each probe (and to importing the stack once).")
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
@@ -49,16 +50,18 @@ def _progress(enabled: bool):
 def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_json, fmt, verbose, strict,
           select, ignore, also):
     """Prove the QLoRA path works here: small real probes, each in its own process."""
-    from qdoctor import matrix
+    from qdoctor import devices, extra, matrix
     from qdoctor.facts import collect
     from qdoctor.findings import exit_code
     from qdoctor.findings import select as select_findings
     from qdoctor.rules import judge
     from qdoctor.smoke import findings_for, run_probes
-    from qdoctor.smoke.runner import ProbeUsageError, parse_device, parse_inject, select_probes
+    from qdoctor.smoke.runner import ProbeUsageError, parse_inject, select_probes
     from qdoctor.smoke.view import markdown_table, text_table
 
     fmt = resolve_format(as_json, fmt)
+    extra.require("smoke")
+    select_codes, ignore_codes = codes_option(select), codes_option(ignore, "--ignore")
     also = also_option(also)
     try:  # usage errors before any slow work
         select_probes(list(probes))
@@ -70,8 +73,8 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     mx = matrix.load()
     check_findings = judge(facts, mx)
     try:
-        dev = parse_device(device, facts)
-    except ProbeUsageError as e:
+        dev = devices.parse_device(device, facts)
+    except devices.DeviceError as e:
         raise UsageError(str(e)) from None
     show = fmt == "text" or sys.stderr.isatty()
     if show:
@@ -79,7 +82,7 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     results = run_probes(list(probes) or None, dev, timeout, facts, compute_dtype=compute_dtype,
                          inject=inject, jobs=jobs, isolation=isolation, progress=_progress(show), matrix=mx)
     findings = check_findings + findings_for(results, check_findings)
-    findings = select_findings(findings, codes_option(select), codes_option(ignore))
+    findings = select_findings(findings, select_codes, ignore_codes)
     probe_dicts = [r.to_dict() for r in results]
     emit_report("smoke", findings, facts, fmt, verbose, extra={"device": dev, "probes": probe_dicts},
                 text_footer=["Probes on " + dev + ":", *("  " + ln for ln in text_table(results)), ""],

@@ -17,7 +17,14 @@ import time
 import traceback
 import warnings
 
-STACK = ("torch", "bitsandbytes", "transformers", "peft")
+
+def _stack() -> tuple[str, ...]:
+    from qdoctor import matrix
+
+    return matrix.stack()
+
+
+STACK = _stack()  # import names = distribution names for the whole stack
 # Heavy submodules every probe needs; importing them here moves their cost out of each probe.
 EXTRA = ("torch._dynamo", "transformers.models.llama.modeling_llama", "peft.tuners.lora")
 
@@ -59,15 +66,30 @@ def import_recorded(name: str, record: dict | None = None) -> bool:
 
 
 def _nvml_capabilities() -> list[tuple[int, int]]:
-    """Compute capability of every GPU, read through NVML: no CUDA context is created."""
+    """Compute capability of every GPU this process's CUDA sees (qdoctor.devices reads
+    CUDA_VISIBLE_DEVICES), read through NVML: no CUDA context is created."""
+    import os
+
     import pynvml
+
+    from qdoctor.devices import Unmappable, parse_visible
 
     pynvml.nvmlInit()
     try:
-        return sorted(tuple(pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i)))
-                      for i in range(pynvml.nvmlDeviceGetCount()))
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            gpus.append({"index": i, "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
+                         "cc": tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))})
     finally:
         pynvml.nvmlShutdown()
+    try:
+        order = parse_visible(os.environ.get("CUDA_VISIBLE_DEVICES"), gpus)
+    except Unmappable:
+        order = None
+    keep = gpus if order is None else [g for g in gpus if g["index"] in order]
+    return sorted(g["cc"] for g in keep)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from qdoctor.redact import redact
+from qdoctor.console import EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, out
 from qdoctor.train.config import CHOICES, DEFAULT_BATCH, DEFAULT_SEQ_LEN
 
 if TYPE_CHECKING:  # the modules load lazily: `qdoctor train --help` and bad input stay fast
@@ -25,14 +25,6 @@ if TYPE_CHECKING:  # the modules load lazily: `qdoctor train --help` and bad inp
     from qdoctor.train.plan import Plan
     from qdoctor.train.preflight import Preflight
     from qdoctor.train.setup import Setup
-
-EXIT_FINDINGS, EXIT_USAGE = 1, 2  # the same contract as qdoctor.cli (imported lazily there: no cycle)
-
-
-
-def out(text: str, err: bool = False) -> None:
-    """Every byte printed goes through redaction (as qdoctor.cli.out)."""
-    click.echo(redact(text), nl=False, err=err)
 
 
 def _fail(msg: str, code: int = EXIT_USAGE):
@@ -132,6 +124,9 @@ Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input
 @click.pass_context
 def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target_modules, **flags):
     """Fine-tune with QLoRA using settings this machine is known to handle, each with its reason."""
+    from qdoctor import extra
+
+    extra.require("train")  # one line and exit 2 without the `train` extra, not an ImportError
     from qdoctor.train import config as C
     from qdoctor.train.checkpoint import CheckpointError
     from qdoctor.train.data import DataError
@@ -189,7 +184,7 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
     )
     if dry_run:
         out(plan.to_json() + "\n" if as_json else plan.render())
-        sys.exit(0)
+        sys.exit(EXIT_OK)
     ident = identity(cfg, plan, setup)
     try:
         if setup.previous:
@@ -325,11 +320,11 @@ def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bo
         loop.truncate_metrics(output, 0)
         first_eval = loop.evaluate(run)
         write_text(output / "eval0.json", strict_json.dumps({"eval_loss": first_eval}) + "\n")
-    status, code = "completed", 0
+    status, code = "completed", EXIT_OK
     try:
         loop.fit(run, loop.progress_bar())
     except loop.Interrupted as e:
-        status, code = "interrupted", 130
+        status, code = "interrupted", EXIT_INTERRUPTED
         out(
             f"\nqdoctor: interrupted ({e.signame}) at step {e.step}: checkpoint saved in "
             f"{output / 'checkpoint'}; continue with:\n  {hint}\n",

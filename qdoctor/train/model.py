@@ -206,6 +206,9 @@ def check_causal_lm(config, name: str) -> None:
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
+    auto_map = getattr(config, "auto_map", None)
+    if isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
+        return  # the model's own code names its causal-LM class (loaded only with --trust-remote-code)
     mtype = getattr(config, "model_type", None) or "?"
     causal = set()
     for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():

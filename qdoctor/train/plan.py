@@ -12,7 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Generic, TypeVar
 
-from qdoctor import strict_json
+from qdoctor import devices, strict_json
+from qdoctor.arch import cc_tuple, sm
 from qdoctor.findings import Finding
 from qdoctor.train import memory
 from qdoctor.train.config import DEFAULT_BATCH, TrainConfig, batch_split, resolve_seq_len
@@ -173,18 +174,13 @@ def _probe_note(probes, name: str) -> str:
     return Probes(probes).note(name)
 
 
-def _gpu(facts: dict, index: int) -> dict:
-    for g in (facts.get("nvidia") or {}).get("gpus") or []:
-        if g.get("index") == index:
-            return g
-    return {}
+def _gpu(facts: dict, device: str) -> dict:
+    """The NVML GPU behind `cuda:N`: the N-th GPU CUDA_VISIBLE_DEVICES lets through (qdoctor.devices)."""
+    return devices.gpu_for(facts, device) or {}
 
 
-def _cc(gpu: dict) -> float | None:
-    try:
-        return float(gpu.get("compute_capability"))
-    except (TypeError, ValueError):
-        return None
+def _cc(gpu: dict) -> tuple[int, int] | None:
+    return cc_tuple(gpu.get("compute_capability"))
 
 
 def choose_trust_remote_code(cfg: TrainConfig) -> Choice[bool]:
@@ -197,15 +193,25 @@ def choose_trust_remote_code(cfg: TrainConfig) -> Choice[bool]:
 
 
 def choose_device(cfg: TrainConfig, facts: dict, probes) -> Choice:
+    """The user's device, else qdoctor.devices' default (the one pre-flight probed); cuda:N is the N-th
+    visible GPU, named with its NVML index in the reason."""
     if cfg.device:
-        return Choice("cuda:0" if cfg.device == "cuda" else cfg.device, "set by you")
-    t = facts.get("torch") or {}
-    gpus = (facts.get("nvidia") or {}).get("gpus") or []
+        dev = "cpu" if cfg.device == "cpu" else f"cuda:{devices.ordinal(cfg.device)}"
+        return Choice(dev, "set by you" + ("" if dev == "cpu" else f" ({devices.describe(facts, dev)})"))
     if probe_status(probes, "device") in BROKEN:
         return Choice("cpu", "the device probe failed on the GPU: training on CPU (see `qdoctor smoke`)")
-    if t.get("cuda_available") or (t.get("cuda_available") is None and gpus and t.get("cuda")):
-        return Choice("cuda:0", f"GPU 0 ({_gpu(facts, 0).get('name', 'CUDA device')}) is usable by torch")
-    why = "no GPU visible" if not gpus else "torch cannot use the GPU (CPU-only build or CUDA unavailable)"
+    dev = devices.default_device(facts)
+    if dev != "cpu":
+        note = devices.visible(facts).note
+        why = f"{devices.describe(facts, dev)} is usable by torch" + (f" ({note})" if note else "")
+        return Choice(dev, why)
+    gpus = devices.all_gpus(facts)
+    if not gpus:
+        why = "no GPU visible"
+    elif not devices.visible(facts).gpus:
+        why = f"CUDA_VISIBLE_DEVICES={devices.cvd_value(facts)!r} hides every GPU"
+    else:
+        why = "torch cannot use the GPU (CPU-only build or CUDA unavailable)"
     return Choice("cpu", why)
 
 
@@ -214,18 +220,18 @@ def choose_dtype(cfg, facts, probes, device: str) -> Choice:
         return Choice(cfg.dtype, "set by you")
     if device == "cpu":
         return Choice("fp32", "CPU: bf16/fp16 matmuls are emulated or slow on most CPUs; fp32 is exact")
-    gpu = _gpu(facts, int(device.split(":")[1]))
+    gpu = _gpu(facts, device)
     cc = _cc(gpu)
     bf16 = (facts.get("torch") or {}).get("bf16_supported")
     if probe_status(probes, "precision") in BROKEN:
         return Choice("fp32", "the precision probe failed: fp32 compute (slow but safe)")
-    if bf16 or (bf16 is None and cc is not None and cc >= 8.0):
+    if bf16 or (bf16 is None and cc is not None and cc >= (8, 0)):
         return Choice(
             "bf16",
-            f"GPU is sm_{int(cc * 10) if cc else '?'}: native bf16 (QLoRA recipe; fp16 risks overflow)",
+            f"GPU is {sm(cc)}: native bf16 (QLoRA recipe; fp16 risks overflow)",
         )
-    if cc is not None and cc >= 7.0:
-        return Choice("fp16", f"GPU is sm_{int(cc * 10)}: no native bf16; fp16 with loss scaling")
+    if cc is not None and cc >= (7, 0):
+        return Choice("fp16", f"GPU is {sm(cc)}: no native bf16; fp16 with loss scaling")
     return Choice("fp32", "GPU has no fast bf16/fp16 (compute capability < 7.0) or it is unknown")
 
 
@@ -362,12 +368,13 @@ def _budget_gib(facts, device: str) -> tuple[float, str]:
         if not mib:
             return 8.0, "host RAM unknown: assuming 16 GiB, half usable"
         return mib / 1024 * CPU_SHARE, f"half of {mib / 1024:.0f} GiB host RAM"
-    g = _gpu(facts, int(device.split(":")[1]))
+    g = _gpu(facts, device)
     mib = g.get("memory_free_mib") or g.get("memory_total_mib")
     if not mib:
         return 8.0, "GPU memory unknown: assuming 8 GiB usable"
     kind = "free" if g.get("memory_free_mib") else "total"
-    return mib / 1024 * GPU_HEADROOM, f"{int(GPU_HEADROOM * 100)}% of {mib / 1024:.1f} GiB {kind} on GPU"
+    return mib / 1024 * GPU_HEADROOM, (f"{int(GPU_HEADROOM * 100)}% of {mib / 1024:.1f} GiB {kind} on "
+                                       f"GPU {g.get('index', '?')} ({g.get('name') or 'unknown GPU'})")
 
 
 def _divisors_desc(n: int) -> list[int]:

@@ -1,6 +1,7 @@
 """Before a run: the `check` findings and the probes the run depends on, cached by environment fingerprint.
 
-A relaunch on an unchanged machine reuses the cached probe results (qdoctor.cache, kind "train-preflight").
+A relaunch on an unchanged machine reuses the cached probe results (qdoctor.cache, kind "train-preflight",
+keyed by cache.probe_key: environment, qdoctor version, matrix/ hash, device; at most cache.MAX_AGE_S old).
 Error findings stop the run unless --force.
 """
 
@@ -29,9 +30,9 @@ class Preflight:
         return [f for f in self.findings if f.severity == "error"]
 
 
-def probe_names(facts: dict) -> tuple[str, ...]:
-    gpus = (facts.get("nvidia") or {}).get("gpus") or []
-    return GPU_PROBES if gpus and (facts.get("torch") or {}).get("cuda") else CPU_PROBES
+def probe_names(device: str) -> tuple[str, ...]:
+    """The probes for the device the run will use (qdoctor.devices resolved it)."""
+    return GPU_PROBES if device.startswith("cuda") else CPU_PROBES
 
 
 # Probe failures the plan routes around (plan.py): they warn, and the plan's reasons say what it chose
@@ -93,26 +94,30 @@ def run(
     """`progress(line)` is told what runs while the user waits (the first run's probes take ~25 s on CPU)."""
     import time
 
-    from qdoctor import cache, matrix
+    from qdoctor import cache, devices, matrix
     from qdoctor.facts import collect
     from qdoctor.rules import judge
 
     t0 = time.perf_counter()
     progress("checking the machine (as `qdoctor check --deep`)")
     facts = collect(deep=True)
-    if device:  # the same check as `smoke --device`: a ProbeUsageError names what is wrong
-        from qdoctor.smoke.runner import parse_device
+    # the user's --device checked as `smoke --device` is, or the default: the first *visible* GPU
+    # torch can use, else the CPU (never a GPU that CUDA_VISIBLE_DEVICES hides)
+    try:
+        device = devices.parse_device(device, facts)
+    except devices.DeviceError as e:
+        from qdoctor.smoke.runner import ProbeUsageError
 
-        device = parse_device(device, facts)
+        raise ProbeUsageError(str(e)) from None
     findings = judge(facts, matrix.load())
     fp = cache.fingerprint(facts)
     pf = Preflight(facts, findings, fingerprint=fp)
     if skip_probes:
         pf.notes.append("probes skipped (--skip-probes): the plan relies on facts alone")
         return pf
-    names = probe_names(facts)
-    key = f"{fp}|{device or 'auto'}|{','.join(names)}"
-    cached = cache.load(CACHE_KIND, key)
+    names = probe_names(device)
+    key = cache.probe_key(fp, device, names)
+    cached = cache.load(CACHE_KIND, key, max_age_s=cache.MAX_AGE_S)
     if isinstance(cached, list):
         pf.probes, pf.cached = cached, True
     else:
@@ -123,8 +128,7 @@ def run(
         except ImportError:
             pf.notes.append("qdoctor.smoke is not available: probes not run, the plan relies on facts alone")
             return pf
-        dev = device or ("cuda:0" if names is GPU_PROBES else "cpu")
-        results = run_probes(list(names), dev, timeout, facts, progress=_probe_progress(progress))
+        results = run_probes(list(names), device, timeout, facts, progress=_probe_progress(progress))
         pf.probes = [r.to_dict() for r in results]
         if not any(p.get("status") in ("timeout", "crash") for p in pf.probes):
             cache.store(CACHE_KIND, key, pf.probes)

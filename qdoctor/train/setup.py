@@ -56,8 +56,6 @@ def prepare(cfg: C.TrainConfig, resume: bool) -> Setup:
         else Path("runs") / (Path(src.name).name + time.strftime("-%Y%m%d-%H%M%S"))
     )
     previous = rundir.check(output, resume)
-    if previous and checkpoint.exists(output):  # a pickle, a damaged or a foreign checkpoint: refused here
-        checkpoint.verify(output)
     done = rundir.checkpoint_step(output) if previous else None
     if done and cfg.max_steps and cfg.max_steps < done:
         raise rundir.RunDirError(
@@ -83,6 +81,8 @@ def prepare(cfg: C.TrainConfig, resume: bool) -> Setup:
     if previous:  # what can be compared before pre-flight is, so a mistyped resume fails fast
         early = early_identity(cfg, model_hash, data_hash, seq_len)
         rundir.check_identity(output, {"identity": {k: previous["identity"].get(k) for k in early}}, early)
+    if previous and checkpoint.exists(output):  # a pickle, a damaged or a foreign checkpoint: refused here
+        checkpoint.verify(output)
     return Setup(
         src=src,
         tok=tok,
