@@ -11,9 +11,11 @@ tokenizers and hubs) and never downloads torch; the venv's own packages come fir
 `pip install --target --no-deps` layered on PYTHONPATH would need a hand-written resolver, and
 installing torch 35 times would take longer than the probes.
 
-Downloads are reused (one pip cache under --work, and --wheels as a find-links folder); environments
-run in parallel (-j); each finished combination is written to the output at once, so an interrupted
-run resumes where it stopped (--redo to run done ones again).
+Downloads are reused: each combination is resolved against the base (`pip install --dry-run --report`),
+the wheels the wheelhouse lacks are downloaded into it (--wheels, else <work>/wheels), and the environment
+is installed from the wheelhouse alone (`--no-index`), so no wheel is fetched twice and a filled wheelhouse
+can be carried. Environments run in parallel (-j); each finished combination is written to the output at
+once, so an interrupted run resumes where it stopped (--redo to run done ones again).
 
 CPU machine (here: torch 2.13.0+cpu in the base venv):
 
@@ -186,13 +188,40 @@ def pip_cmd(args, python: str, env_dir: Path, cache: Path) -> list[str]:
             "--no-input", "--cache-dir", str(cache), *args]
 
 
-def source_args(args) -> list[str]:
-    out = []
-    if args.wheels:
-        out += ["--find-links", str(Path(args.wheels).resolve())]
-    if args.offline:
-        out += ["--no-index"]
-    return out
+def wheelhouse(args) -> Path:
+    """Where every wheel a combination needs is kept: --wheels when given (so a networked run fills the
+    folder to carry to an offline machine), else <work>/wheels. Shared by all combinations and runs."""
+    return Path(args.wheels).resolve() if args.wheels else Path(args.work).resolve() / "wheels"
+
+
+def resolve(c: dict, env_dir: Path, args, cache: Path) -> tuple[list[str] | None, str]:
+    """The exact distributions pip would add to this environment (torch is already in its base)."""
+    report = env_dir / "report.json"
+    wh = wheelhouse(args)
+    rc, out, err = run(pip_cmd(["install", "--dry-run", "--quiet", "--report", str(report), "--find-links",
+                                str(wh), *requirements(c)], args.base_python, env_dir, cache))
+    if rc:
+        return None, err or out
+    items = json.loads(report.read_text())["install"]
+    return sorted(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in items), ""
+
+
+def install(c: dict, env_dir: Path, args, cache: Path) -> tuple[int, str, str]:
+    """Offline: from --wheels only. Otherwise resolve, download what the wheelhouse lacks (a wheel already
+    there is reused, never fetched again), then install from the wheelhouse alone."""
+    wh = wheelhouse(args)
+    if not args.offline:
+        wh.mkdir(parents=True, exist_ok=True)
+        pins, why = resolve(c, env_dir, args, cache)
+        if pins is None:
+            return 1, "", why
+        fetch = ["download", "--disable-pip-version-check", "--quiet", "--no-deps", "-d", str(wh),
+                 "--find-links", str(wh), "--cache-dir", str(cache)]
+        rc, out, err = run([args.base_python, "-m", "pip", *fetch, *pins], timeout=args.install_timeout)
+        if rc:
+            return rc, out, err
+    return run(pip_cmd(["install", "--progress-bar", "off", "--no-index", "--find-links", str(wh),
+                        *requirements(c)], args.base_python, env_dir, cache), timeout=args.install_timeout)
 
 
 def requirements(c: dict) -> list[str]:
@@ -270,8 +299,7 @@ def verify_one(c: dict, args, base: Path, cache: Path) -> dict:
     res = {"id": combo_id(c), "versions": dict(c["versions"]), "env": dict(c["env"]),
            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     make_env(args.base_python, env_dir, base)
-    rc, out, err = run(pip_cmd(["install", "--progress-bar", "off", *source_args(args), *requirements(c)],
-                               args.base_python, env_dir, cache), timeout=args.install_timeout)
+    rc, out, err = install(c, env_dir, args, cache)
     if rc:
         res.update(status="not-installable", error=tail(err or out, 6),
                    duration_s=round(time.monotonic() - t0))
@@ -427,15 +455,10 @@ def cmd_download(args) -> int:
     for c in combos:
         env_dir = work / "envs" / ("dl-" + combo_id(c))
         make_env(args.base_python, env_dir, base)
-        report = env_dir / "report.json"
-        rc, out, err = run(pip_cmd(["install", "--dry-run", "--report", str(report), *requirements(c)],
-                                   args.base_python, env_dir, work / "pip-cache"))
-        if rc:
-            print(f"{combo_id(c)}: cannot resolve: {tail(err)}")
-        else:
-            for item in json.loads(report.read_text())["install"]:
-                md = item["metadata"]
-                pins.add(f"{md['name']}=={md['version']}")
+        got, why = resolve(c, env_dir, args, work / "pip-cache")
+        if got is None:
+            print(f"{combo_id(c)}: cannot resolve: {tail(why)}")
+        pins.update(got or [])
         shutil.rmtree(env_dir, ignore_errors=True)
     target = ["--python-version", args.python_version, "--only-binary=:all:",
               "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
