@@ -335,7 +335,7 @@ def test_from_pretrained_dtype_argument_follows_the_transformers_release(monkeyp
     import torch
     import transformers
 
-    from qdoctor.smoke.probes.common import dtype_kwarg
+    from qdoctor.hf_compat import dtype_kwarg
 
     for ver, key in (("4.46.3", "torch_dtype"), ("4.55.4", "torch_dtype"), ("4.56.0", "dtype"),
                      ("4.57.0.dev0", "dtype"), ("5.24.0", "dtype")):

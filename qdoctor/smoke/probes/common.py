@@ -59,20 +59,12 @@ def load_4bit(path: str, device: torch.device, compute_dtype: torch.dtype):
     """Load the checkpoint the way a QLoRA recipe does: NF4, double quantization, compute dtype."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from qdoctor.hf_compat import dtype_kwarg
+
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=compute_dtype)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": device},
                                                 **dtype_kwarg(compute_dtype))
-
-
-def dtype_kwarg(dtype: torch.dtype) -> dict:
-    """from_pretrained's dtype argument: `dtype` from transformers 4.56 (`torch_dtype` is deprecated there),
-    `torch_dtype` before. Older releases pass an unknown `dtype` on to the model's __init__, which raises
-    (measured: 4.53.0 and 4.55.4, matrix/verified/linux-x86_64-cpu.json)."""
-    import transformers
-
-    release = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit())
-    return {"dtype": dtype} if release >= (4, 56) else {"torch_dtype": dtype}
 
 
 def lora_config(r: int = 8):
