@@ -1,4 +1,5 @@
-"""Command line: `qdoctor check | smoke | train | explain | rules`. Output and exit codes: qdoctor.console."""
+"""Command line: `qdoctor check | smoke | train | explain | report | matrix | rules`. Output and exit codes:
+qdoctor.console."""
 
 from __future__ import annotations
 
@@ -37,18 +38,28 @@ def codes_option(value: str | None, flag: str = "--select") -> tuple[str, ...]:
 
 def format_options(f):
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")(f)
-    f = click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default=None,
-                     help="Output format (markdown is made for bug reports).")(f)
+    f = click.option("--format", "fmt",
+                     type=click.Choice(["text", "json", "markdown", "junit", "github", "auto"]), default=None,
+                     help="Output format: markdown for bug reports and job summaries, junit for CI test "
+                          "reports, github for workflow annotations, auto = github under GitHub Actions "
+                          "(GITHUB_ACTIONS=true), else text.")(f)
     f = click.option("-v", "--verbose", is_flag=True, help="Show the evidence under every line.")(f)
     f = click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")(f)
     f = click.option("--select", default=None, help="Only these codes/prefixes (QD3,QD401).")(f)
     f = click.option("--ignore", default=None, help="Drop these codes or prefixes, comma-separated.")(f)
+    f = click.option("--also", "also", multiple=True, metavar="FORMAT=FILE",
+                     help="Also write the same run in another format to FILE (repeatable): "
+                          "json=check.json, markdown=summary.md, junit=report.xml.")(f)
     return f
 
 
 def resolve_format(as_json: bool, fmt: str | None) -> str:
     if as_json and fmt not in (None, "json"):
         raise click.UsageError(f"--json and --format {fmt} contradict each other")
+    if fmt == "auto":
+        from qdoctor.formats import resolve_auto
+
+        return resolve_auto()
     return "json" if as_json else (fmt or "text")
 
 
@@ -56,7 +67,8 @@ class LazyGroup(click.Group):
     """`smoke`, `train` and `explain` live in their own modules and are imported only when invoked, so
     that `qdoctor check` does not pay for them at start-up."""
 
-    lazy = {"smoke": "qdoctor.smoke.cli", "train": "qdoctor.train.cli", "explain": "qdoctor.explain"}
+    lazy = {"smoke": "qdoctor.smoke.cli", "train": "qdoctor.train.cli", "explain": "qdoctor.explain",
+            "report": "qdoctor.bugreport"}
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
@@ -77,7 +89,8 @@ def cli():
 
 @cli.command()
 @click.option("--facts", "facts_file", type=str, default=None,
-              help="Judge a saved snapshot (a --json output or a facts object) instead of this machine.")
+              help="Judge a saved snapshot (a --json output, a facts object, or a `qdoctor report` "
+                   "markdown file) instead of this machine.")
 @click.option("--deep", is_flag=True,
               help="Also import torch and bitsandbytes in a child process (slower; result cached).")
 @click.option("--refresh", is_flag=True, help="With --deep: ignore the cached result, run the child again.")
@@ -90,7 +103,7 @@ def cli():
                    "or the Hugging Face cache; nothing is downloaded).")
 @format_options
 def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, verbose, strict, select,
-          ignore):
+          ignore, also):
     """Observe this machine, judge it against the matrix, print findings with fixes."""
     from qdoctor import matrix
     from qdoctor.facts.schema import FactsError, load_file
@@ -100,6 +113,7 @@ def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, v
 
     fmt = resolve_format(as_json, fmt)
     select_codes, ignore_codes = codes_option(select), codes_option(ignore, "--ignore")
+    also = also_option(also)
     if facts_file and deep:
         raise click.UsageError("--deep observes this machine; it cannot be combined with --facts")
     if facts_file:
@@ -122,7 +136,7 @@ def check(facts_file, deep, refresh, timeout, save_facts, model, as_json, fmt, v
             raise UsageError(str(e)) from None
     findings = judge(facts, matrix.load())
     findings = select_findings(findings, select_codes, ignore_codes)
-    emit_report("check", findings, facts, fmt, verbose)
+    emit_report("check", findings, facts, fmt, verbose, strict=strict, also=also)
     if save_facts:
         write_facts(save_facts, facts)
     sys.exit(exit_code(findings, strict))
@@ -136,19 +150,87 @@ def write_facts(path: str, facts: dict) -> None:
     write_text(path, strict_json.dumps(redact_obj(facts), indent=2) + "\n")
 
 
-def emit_report(command, findings, facts, fmt, verbose, extra=None, text_footer=None, md_sections=None,
-                header=None):
+ALSO_FORMATS = ("text", "json", "markdown", "junit", "github")
+
+
+def also_option(values) -> list[tuple[str, str]]:
+    """`--also json=check.json` -> [("json", "check.json")]: more formats of the same run, into files."""
+    pairs = []
+    for v in values or ():
+        fmt, sep, path = v.partition("=")
+        if not sep or fmt not in ALSO_FORMATS or not path:
+            raise UsageError(f"--also {v}: expected FORMAT=FILE with FORMAT one of {', '.join(ALSO_FORMATS)}")
+        pairs.append((fmt, path))
+    return pairs
+
+
+def render_report(command, findings, facts, fmt, verbose, extra=None, text_footer=None, md_sections=None,
+                  header=None, strict=False) -> str:
     from qdoctor import report
     from qdoctor.redact import redact_obj
 
+    if fmt == "junit":
+        from qdoctor.formats.junit import render_junit
+
+        return render_junit(findings, command, probes=(extra or {}).get("probes"), strict=strict)
+    if fmt == "github":
+        from qdoctor.formats.github import render_github
+
+        return render_github(findings, command)
     if fmt == "json":
-        out(report.render_json(findings, redact_obj(facts) if facts is not None else None, command, extra))
-    elif fmt == "markdown":
-        out(report.render_markdown(findings, redact_obj(facts) if facts is not None else None, command,
-                                   md_sections))
+        return report.render_json(findings, redact_obj(facts) if facts is not None else None, command, extra)
+    if fmt == "markdown":
+        return report.render_markdown(findings, redact_obj(facts) if facts is not None else None, command,
+                                      md_sections)
+    head = header or f"qdoctor {command} {__version__}"
+    return report.render_text(findings, verbose=verbose, header=head, footer=text_footer)
+
+
+def emit_report(command, findings, facts, fmt, verbose, extra=None, text_footer=None, md_sections=None,
+                header=None, strict=False, also=()):
+    """Print the report in `fmt`, and write each `--also FORMAT=FILE` (redacted like everything printed)."""
+    args = (command, findings, facts)
+    kw = dict(extra=extra, text_footer=text_footer, md_sections=md_sections, header=header, strict=strict)
+    out(render_report(*args, fmt, verbose, **kw))
+    for other, path in also:
+        from qdoctor.atomic import write_text
+        from qdoctor.redact import redact
+
+        try:
+            write_text(path, redact(render_report(*args, other, verbose, **kw)))
+        except OSError as e:
+            raise UsageError(f"--also {other}={path}: cannot write: {e.strerror or e}") from None
+
+
+@cli.command("matrix")
+@click.option("--platform", "platform", default=None, metavar="P",
+              help="A platform key such as linux-x86_64-cpu or linux-x86_64-cuda-sm_90, or 'all' "
+                   "(default: this machine's, else all).")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")
+def matrix_cmd(platform, fmt):
+    """Print the verified combinations (matrix/verified/<platform>.json): which stacks were run, and how."""
+    import json
+
+    from qdoctor import verified
+
+    known = verified.platforms()
+    if platform in (None, "all"):
+        mine = None
+        if platform is None:
+            from qdoctor.facts import collect
+
+            mine = verified.platform_key(collect(deep=False, timeout=30))
+        chosen = [mine] if mine in known else known
+    elif platform in known:
+        chosen = [platform]
     else:
-        head = header or f"qdoctor {command} {__version__}"
-        out(report.render_text(findings, verbose=verbose, header=head, footer=text_footer))
+        have = ", ".join(known) or "none"
+        raise UsageError(f"nothing verified on platform {platform!r} (verified: {have})")
+    docs = [verified.load(p) for p in chosen]
+    if fmt == "json":
+        out(json.dumps(docs, indent=1) + "\n")
+        return
+    out("\n".join(verified.render_table(d, fmt) for d in docs if d) or "nothing verified yet\n")
 
 
 @cli.command("rules")

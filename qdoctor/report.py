@@ -10,6 +10,7 @@ import sys
 
 from qdoctor import __version__, strict_json
 from qdoctor.findings import Finding, rank, root_code, worst
+from qdoctor.ruleref import url
 
 REPORT_SCHEMA = "qdoctor.report/1"
 
@@ -98,6 +99,8 @@ def _finding_lines(f: Finding, m: dict, verbose: bool, indent: str = "    ") -> 
         fix_lines = f.fix.splitlines()
         lines.append(f"{indent}    fix: {fix_lines[0]}")
         lines += [f"{indent}         {x}" for x in fix_lines[1:]]
+    if verbose:
+        lines.append(f"{indent}    see: {url(f.code)}")
     return lines
 
 
@@ -160,7 +163,7 @@ def render_json(findings: list[Finding], facts: dict | None, command: str, extra
         "command": command,
         "qdoctor_version": __version__,
         "facts": facts,
-        "findings": [f.to_dict() for f in findings],
+        "findings": [{**f.to_dict(), "url": url(f.code)} for f in findings],
         "verdict": "error" if worst(findings) == "error" else "ok",
     }
     if extra:
@@ -177,11 +180,12 @@ def render_markdown(findings: list[Finding], facts: dict | None, command: str,
     def row(f: Finding, prefix: str = "") -> str:
         fix = (f.fix or "").replace("\n", "<br>").replace("|", "\\|")
         title = f.title.replace("|", "\\|")
+        code = f"[{f.code}]({url(f.code)})"
         if f.caused_by:
             fix = f"(follows from {root_code(f, findings)})"
-            return f"| {f.severity} | {prefix}{f.code} | {f.area} | {title} | {fix} |"
+            return f"| {f.severity} | {prefix}{code} | {f.area} | {title} | {fix} |"
         fix = f"`{fix}`" if fix else ""
-        return f"| {f.severity} | {prefix}{f.code} | {f.area} | {title} | {fix} |"
+        return f"| {f.severity} | {prefix}{code} | {f.area} | {title} | {fix} |"
 
     for f in sorted(findings, key=lambda f: (-rank(f.severity), f.code)):
         if is_consequence(f, findings):

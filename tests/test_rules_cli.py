@@ -87,7 +87,7 @@ def test_json_shape_and_reload(tmp_path):
 def test_markdown_format():
     r = qd("check", "--facts", snap("v100-cu130"), "--format", "markdown")
     assert r.exit_code == 1
-    assert "| error | QD303 |" in r.output and "<details><summary>facts</summary>" in r.output
+    assert "| error | [QD303](" in r.output and "<details><summary>facts</summary>" in r.output
 
 
 def test_select_and_ignore():

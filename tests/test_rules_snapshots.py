@@ -226,6 +226,30 @@ BNB047_BINS = {
 
 # id -> (facts, errors, warnings, {code: words})
 VARIANTS = {
+    # bitsandbytes' CPU backend (QD413, floors measured) and the verified results of this CPU machine (QD510,
+    # matrix/verified/linux-x86_64-cpu.json: this exact stack was run and its nf4 probe failed)
+    "bnb-0.46.1-on-cpu": (
+        variant("cpu-only-machine", **{"packages.bitsandbytes": "0.46.1", "bitsandbytes.version": "0.46.1"}),
+        {"QD510"},
+        {"QD413"},
+        {"QD413": ["no fp4, optim8bit", "NF4 QLoRA runs", "bitsandbytes>=0.50.0"],
+         "QD510": ["probe nf4 fail", "quant_type must be nf4 on CPU, got fp4"]},
+    ),
+    "bnb-0.45.5-on-cpu": (
+        variant("cpu-only-machine", **{"packages.bitsandbytes": "0.45.5", "bitsandbytes.version": "0.45.5",
+                                       "packages.transformers": "4.57.6", "packages.accelerate": "1.10.1",
+                                       "packages.peft": "0.17.1"}),
+        {"QD413"},
+        set(),
+        {"QD413": ["no nf4, fp4, optim8bit", "Device type not supported for FP4 quantization: cpu"]},
+    ),
+    "transformers-4.46-bnb-on-cpu": (
+        variant("cpu-only-machine", **{"packages.transformers": "4.46.3", "packages.accelerate": "1.1.1",
+                                       "packages.peft": "0.13.2"}),
+        {"QD503", "QD510"},
+        set(),
+        {"QD503": ["'frozenset' object has no attribute 'discard'"]},
+    ),
     "cc-null": (
         variant("h200-synthetic", **{"nvidia.gpus.0.compute_capability": None}),
         set(),
@@ -253,7 +277,7 @@ VARIANTS = {
                 "packages.bitsandbytes": "0.42.0",
             },
         ),
-        {"QD102", "QD503"},
+        {"QD102", "QD503", "QD413"},  # QD413: and no 4-bit on the CPU before 0.46 (measured)
         set(),
         {"QD102": ["0.43.0", "bitsandbytes>=0.43.0"], "QD503": ["bitsandbytes>=0.46.1"]},
     ),

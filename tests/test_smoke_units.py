@@ -350,3 +350,17 @@ def test_only_the_visible_gpus_count_for_the_capability_answer(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1")  # the sm_90 GPU alone
     with capability_from_nvml():
         assert torch.cuda.get_device_capability(0) == (9, 0)
+
+
+def test_from_pretrained_dtype_argument_follows_the_transformers_release(monkeypatch):
+    """transformers 4.53/4.55 passed an unknown `dtype=` on to LlamaForCausalLM.__init__ (measured by
+    scripts/verify_matrix.py); the probes name it `torch_dtype` before 4.56."""
+    import torch
+    import transformers
+
+    from qdoctor.hf_compat import dtype_kwarg
+
+    for ver, key in (("4.46.3", "torch_dtype"), ("4.55.4", "torch_dtype"), ("4.56.0", "dtype"),
+                     ("4.57.0.dev0", "dtype"), ("5.24.0", "dtype")):
+        monkeypatch.setattr(transformers, "__version__", ver)
+        assert dtype_kwarg(torch.float16) == {key: torch.float16}, ver

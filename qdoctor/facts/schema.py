@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 FACTS_SCHEMA = "qdoctor.facts/1"
+SNAPSHOT_FENCE = "```json qdoctor-snapshot"  # the block `qdoctor report` embeds its --json output in
 
 # section -> (type, default). Collectors fill these; rules read them with .get().
 SECTIONS = {
@@ -64,6 +65,20 @@ def normalize(obj) -> dict:
     return out
 
 
+def extract_snapshot(text: str) -> str | None:
+    """The JSON of a markdown report: `qdoctor report`'s `qdoctor-snapshot` block, or the facts block of
+    `check --format markdown`. None when the text holds neither."""
+    for start in (SNAPSHOT_FENCE, "<details><summary>facts</summary>\n\n```json"):
+        i = text.find(start)
+        if i < 0:
+            continue
+        i = text.find("\n", i + len(start) - 1) + 1
+        j = text.find("\n```", i)
+        if j >= i > 0:
+            return text[i:j]
+    return None
+
+
 def load_file(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -72,10 +87,12 @@ def load_file(path: str) -> dict:
         raise FactsError(f"cannot read {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise FactsError(f"{path} is not a UTF-8 text file") from None
+    embedded = extract_snapshot(text) if not text.lstrip().startswith(("{", "[")) else None
     try:
-        obj = json.loads(text)
+        obj = json.loads(embedded if embedded is not None else text)
     except json.JSONDecodeError as e:
-        raise FactsError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        what = "its embedded snapshot is not" if embedded is not None else "is not"
+        raise FactsError(f"{path} {what} valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     try:
         return normalize(obj)
     except FactsError as e:

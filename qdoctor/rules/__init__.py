@@ -37,7 +37,8 @@ REGISTRY: list[Rule] = []
 
 # Area modules, imported on first use so `import qdoctor.rules` stays cheap.
 _MODULES = ["platform", "nvidia", "torch", "bitsandbytes", "packages", "environment",
-            "cuda_init", "native", "jetson", "extensions", "container", "model", "multigpu"]
+            "cuda_init", "native", "jetson", "extensions", "container", "model", "verified", "bnb_cpu",
+            "multigpu"]
 
 
 def rule(code: str, slug: str, area: str, also: Iterable[str] = (), summary: bool = False):

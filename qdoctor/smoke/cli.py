@@ -6,7 +6,15 @@ import sys
 
 import click
 
-from qdoctor.cli import UsageError, codes_option, emit_report, format_options, out, resolve_format
+from qdoctor.cli import (
+    UsageError,
+    also_option,
+    codes_option,
+    emit_report,
+    format_options,
+    out,
+    resolve_format,
+)
 
 
 def _progress(enabled: bool):
@@ -40,7 +48,7 @@ def _progress(enabled: bool):
               help="Fault injection for tests: probe=abort|hang|wrong|raise, comma-separated.")
 @format_options
 def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_json, fmt, verbose, strict,
-          select, ignore):
+          select, ignore, also):
     """Prove the QLoRA path works here: small real probes, each in its own process."""
     from qdoctor import devices, extra, matrix
     from qdoctor.facts import collect
@@ -54,6 +62,7 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     fmt = resolve_format(as_json, fmt)
     extra.require("smoke")
     select_codes, ignore_codes = codes_option(select), codes_option(ignore, "--ignore")
+    also = also_option(also)
     try:  # usage errors before any slow work
         select_probes(list(probes))
         if inject:
@@ -77,5 +86,5 @@ def smoke(probes, device, timeout, compute_dtype, jobs, isolation, inject, as_js
     probe_dicts = [r.to_dict() for r in results]
     emit_report("smoke", findings, facts, fmt, verbose, extra={"device": dev, "probes": probe_dicts},
                 text_footer=["Probes on " + dev + ":", *("  " + ln for ln in text_table(results)), ""],
-                md_sections=[markdown_table(results)])
+                md_sections=[markdown_table(results)], strict=strict, also=also)
     sys.exit(exit_code(findings, strict))

@@ -136,6 +136,8 @@ Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input
 @_opt("--save-every", type=int, default_text="four checkpoints a run", help="Steps between checkpoints.")
 @_opt("--log-every", type=int, default_text="about ten lines a run",
       help="Steps between progress lines when stderr is not a terminal.")
+@_opt("--report-to", metavar=_choice("report_to"), default_text="none",
+      help="Also write the metrics as TensorBoard event files in OUTPUT/tensorboard (needs tensorboard).")
 @_opt("--device", metavar="cpu|cuda|cuda:N", default_text="the GPU when one works, else cpu")
 @_opt("--dtype", metavar=_choice("dtype"), default_text="auto: bf16, fp16 or fp32 by GPU")
 @_opt("--quantization", metavar=_choice("quantization"), default_text="auto: nf4 when its probes pass")
@@ -415,7 +417,7 @@ def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bo
 
     from qdoctor import strict_json
     from qdoctor.atomic import write_text
-    from qdoctor.train import checkpoint, loop, optim, summary
+    from qdoctor.train import checkpoint, loop, optim, report_to, summary
     from qdoctor.train import distributed as D
     from qdoctor.train import model as M
 
@@ -458,6 +460,7 @@ def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bo
         log=lambda m: _say(f"note: {m}\n", err=True),
         micro=plan.micro_batch.value,
         log_every=cfg.log_every,
+        report=report_to.writer_for(cfg.report_to, output) if world.main else None,
         world=world,
     )
     run.stop_after = _test_stop_after()

@@ -53,6 +53,7 @@ class TrainConfig:
     fused_loss: str = "auto"  # auto | liger | none: fused linear + cross-entropy (never materialises logits)
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
     log_every: int | None = None  # progress line every N steps off a terminal; None = about ten a run
+    report_to: str = "none"  # none | tensorboard: metrics also as TensorBoard event files (report_to.py)
     nproc: int | None = None  # processes (one per GPU) launched through torchrun; None = 1, or the launcher's
     fsdp: bool | None = None  # shard the 4-bit model over the processes (FSDP-QLoRA); None = the plan decides
 
@@ -71,6 +72,7 @@ CHOICES = {
     "attention": ("auto", "sdpa", "eager"),
     "fused_loss": ("auto", "liger", "none"),
     "compile": ("auto", "on", "off"),
+    "report_to": ("none", "tensorboard"),
 }
 POSITIVE = (
     "max_steps",
@@ -143,6 +145,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("fsdp shards the model over several processes: add --nproc 2 (or more), or launch "
                           "with torchrun / accelerate launch")
     batch_split(cfg, cfg.nproc or 1)
+    from qdoctor.train.report_to import missing
+
+    if why := missing(cfg.report_to):
+        raise ConfigError(why)
     return cfg
 
 

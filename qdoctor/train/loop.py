@@ -169,6 +169,7 @@ class Run:
     skipped: int = 0  # steps skipped for a non-finite gradient norm
     skipped_in_row: int = 0
     log_every: int | None = None  # progress line every N steps off a terminal
+    report: object = None  # a train.report_to writer (--report-to), or None
     world: World = dist_.SINGLE  # this process's place among the run's processes
 
     @property
@@ -309,6 +310,8 @@ def _metric(run: Run, rec: dict) -> None:
         return
     with open(run.output / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(strict_json.dumps(rec) + "\n")
+    if run.report is not None:
+        run.report.write(rec)
 
 
 def fit(run: Run, progress) -> None:

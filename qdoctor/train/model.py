@@ -350,6 +350,8 @@ def load_for_training(src: ModelSource, plan, seed: int, device: str | None = No
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.utils import logging as hf_logging
 
+    from qdoctor.hf_compat import dtype_kwarg
+
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*")
@@ -379,7 +381,7 @@ def load_for_training(src: ModelSource, plan, seed: int, device: str | None = No
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=qcfg,
-            dtype=dtype,
+            **dtype_kwarg(dtype),
             device_map=device_map,
             attn_implementation=plan.attention.value,
             output_loading_info=True,

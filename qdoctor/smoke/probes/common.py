@@ -59,10 +59,12 @@ def load_4bit(path: str, device: torch.device, compute_dtype: torch.dtype):
     """Load the checkpoint the way a QLoRA recipe does: NF4, double quantization, compute dtype."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from qdoctor.hf_compat import dtype_kwarg
+
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=compute_dtype)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": device},
-                                                dtype=compute_dtype)
+                                                **dtype_kwarg(compute_dtype))
 
 
 def lora_config(r: int = 8):
