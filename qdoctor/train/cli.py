@@ -374,7 +374,7 @@ def _run(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, ident: dict,
     output: Path = setup.output
     device = D.rank_device(plan.device.value, world)
     # the model loads before anything is written: a bad model leaves no run behind to refuse a retry
-    model, base_path = M.load_for_training(setup.src, plan, cfg.seed, device)
+    model, base_path = M.load_for_training(setup.src, plan, cfg.seed, device, main=world.main)
     if world.rank:  # LoRA starts the same on every rank (seeded above); dropout draws its own masks
         import torch
 

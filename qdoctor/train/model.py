@@ -337,7 +337,7 @@ def load_tokenizer(src: ModelSource):
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def load_for_training(src: ModelSource, plan, seed: int, device: str | None = None):
+def load_for_training(src: ModelSource, plan, seed: int, device: str | None = None, main: bool = True):
     """Base in the plan's quantization and dtype on `device` (this process's: the plan's device, or with
     several processes its own GPU, never device_map "auto"), LoRA on top. Returns the peft model.
 
@@ -397,6 +397,8 @@ def load_for_training(src: ModelSource, plan, seed: int, device: str | None = No
             f"cannot load the weights of model {src.name}: {type(e).__name__}: {first}"
         ) from None
     missing = list((info or {}).get("missing_keys") or [])
+    if device_map is None and not main:
+        missing = []  # CPU-RAM-efficient loading: this rank read no weights; FSDP sends it rank 0's
     if missing:  # transformers would initialise them at random and train on that
         raise ModelError(
             f"the weights of model {src.name} lack {len(missing)} tensors its config needs (e.g. "
