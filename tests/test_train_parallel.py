@@ -320,3 +320,28 @@ def test_ranks_agree_on_the_signal_one_of_them_caught(monkeypatch):
     one = SimpleNamespace(world=D.SINGLE, stop_requested=None)
     loop._agree_on_stop(one)  # one process: no collective, nothing changes
     assert one.stop_requested is None and seen == [0]
+
+
+def test_preflight_of_several_processes_runs_the_ddp_probe_and_its_failure_refuses(tmp_path, monkeypatch):
+    """The all-reduce that would hang an hour into a run is tried in pre-flight, in seconds; its failure is an
+    error (no plan routes around a collective that does not work)."""
+    import qdoctor.facts
+    import qdoctor.smoke
+    from qdoctor.smoke.result import ProbeResult
+
+    facts = {"platform": {"memory_total_mib": 8000}, "nvidia": {"gpus": []}, "env": {},
+             "torch": {"cuda": None, "version": "2.13.0+cpu"}, "bitsandbytes": {"installed": True}}
+    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(qdoctor.facts, "collect", lambda **kw: facts)
+    asked = []
+
+    def run_probes(names, device, timeout, f, **kw):
+        asked.append(tuple(names))
+        return [ProbeResult(n, "pass") if n != "ddp" else
+                ProbeResult("ddp", "timeout", reason="no result within 120 s") for n in names]
+
+    monkeypatch.setattr(qdoctor.smoke, "run_probes", run_probes)
+    assert "ddp" not in preflight.run(None).probes[-1]["probe"] and asked[-1] == preflight.CPU_PROBES
+    pf = preflight.run(None, world=2)
+    assert asked[-1] == (*preflight.CPU_PROBES, "ddp")
+    assert [f.code for f in pf.errors] == ["QD793"] and "ddp" in pf.errors[0].title

@@ -190,7 +190,7 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
         _say(f"note: {note}\n", err=True)
     if not launching and world.several:
         D.init(world, cuda=_cuda_wanted(cfg))
-    pf = _preflight(cfg, world, skip_probes, force, quiet)
+    pf = _preflight(cfg, world, skip_probes, force, quiet, nproc)
     from qdoctor.train import plan as P
     from qdoctor.train import rundir
 
@@ -285,7 +285,7 @@ def _cuda_wanted(cfg: TrainConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def _preflight(cfg: TrainConfig, world, skip_probes: bool, force: bool, quiet: bool) -> Preflight:
+def _preflight(cfg: TrainConfig, world, skip_probes: bool, force: bool, quiet: bool, nproc: int) -> Preflight:
     """Once per run: under `train --nproc` the launcher's (from its launch file); under torchrun or
     accelerate launch rank 0 runs it and sends it to the others; else this process runs it."""
     from qdoctor.smoke.runner import ProbeUsageError
@@ -299,7 +299,7 @@ def _preflight(cfg: TrainConfig, world, skip_probes: bool, force: bool, quiet: b
     payload = None
     if world.main:
         try:
-            pf = preflight.run(cfg.device, skip_probes=skip_probes,
+            pf = preflight.run(cfg.device, skip_probes=skip_probes, world=nproc,
                                progress=lambda m: _say(f"pre-flight: {m}\n", err=True))
             payload = {"preflight": pf.to_dict()}
         except ProbeUsageError as e:

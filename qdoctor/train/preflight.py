@@ -99,9 +99,11 @@ def _probe_progress(progress):
 
 
 def run(
-    device: str | None, *, skip_probes: bool = False, timeout: float = 120.0, progress=_quiet
+    device: str | None, *, skip_probes: bool = False, timeout: float = 120.0, progress=_quiet, world: int = 1
 ) -> Preflight:
-    """`progress(line)` is told what runs while the user waits (the first run's probes take ~25 s on CPU)."""
+    """`progress(line)` is told what runs while the user waits (the first run's probes take ~25 s on CPU).
+    `world` > 1: the run will use several processes, so the ddp probe (two processes, an all-reduce and a DDP
+    step) runs too: a collective that hangs is found here, in seconds, and not an hour into a run."""
     import time
 
     from qdoctor import cache, devices, matrix
@@ -125,7 +127,7 @@ def run(
     if skip_probes:
         pf.notes.append("probes skipped (--skip-probes): the plan relies on facts alone")
         return pf
-    names = probe_names(device)
+    names = probe_names(device) + (("ddp",) if world > 1 else ())
     key = cache.probe_key(fp, device, names)
     cached = cache.load(CACHE_KIND, key, max_age_s=cache.MAX_AGE_S)
     if isinstance(cached, list):
