@@ -12,39 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from train_support import FAST, PROBES, invoke
 
 from qdoctor.findings import Finding
-from qdoctor.train import cli as train_cli
 from qdoctor.train import loop, preflight
 
-CPU_FACTS = {
-    "platform": {"memory_total_mib": 24000},
-    "nvidia": {"gpus": []},
-    "torch": {"cuda": None, "cuda_available": False},
-    "bitsandbytes": {"installed": True, "loads": True},
-}
-PROBES = [{"probe": n, "status": "pass"} for n in preflight.CPU_PROBES]
-FAST = ["--max-steps", "6", "--save-every", "2", "--eval-every", "3", "--batch-size", "8"]
-
-
-@pytest.fixture(autouse=True)
-def env(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("QDOCTOR_TEST_STOP_AFTER", raising=False)
-
-
-@pytest.fixture
-def pf(monkeypatch):
-    """Inject the pre-flight result; `state.findings` can be set by a test."""
-    state = preflight.Preflight(CPU_FACTS, [], list(PROBES), fingerprint="test-fp")
-    monkeypatch.setattr(preflight, "run", lambda device, **kw: state)
-    return state
-
-
-def invoke(*args):
-    return CliRunner().invoke(train_cli.train, list(args), catch_exceptions=False)
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 def adapter_tensors(d: Path):
@@ -360,3 +333,4 @@ def test_model_and_disk_errors_are_exit_2_and_a_retry_is_not_refused(tmp_path, p
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("qdoctor: error: cannot write to") and "checkpoint of step 1 is intact" in last
     assert last.endswith("--resume") and "internal error" not in r.stderr
+

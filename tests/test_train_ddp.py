@@ -18,17 +18,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from train_support import CPU_FACTS, PROBES
 
 from qdoctor.train import cli as train_cli
 from qdoctor.train import preflight
 
-CPU_FACTS = {
-    "platform": {"memory_total_mib": 24000},
-    "nvidia": {"gpus": []},
-    "torch": {"cuda": None, "cuda_available": False},
-    "bitsandbytes": {"installed": True, "loads": True},
-}
-PROBES = [{"probe": n, "status": "pass"} for n in preflight.CPU_PROBES]
 # micro-batch 2 everywhere: one process takes examples 0-1, 2-3, 4-5, 6-7 of a step; rank 0 takes 0-1, 2-3 and
 # rank 1 takes 4-5, 6-7, so both runs pad the same micro-batches and differ only in the order of the sums
 STEPS = ["--max-steps", "6", "--batch-size", "8", "--micro-batch", "2", "--eval-every", "3",

@@ -11,39 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from train_support import CPU_FACTS, FAST, PROBES, invoke
 
 import qdoctor
-from qdoctor.train import cli as train_cli
-from qdoctor.train import preflight
 
-CPU_FACTS = {
-    "platform": {"memory_total_mib": 24000},
-    "nvidia": {"gpus": []},
-    "torch": {"cuda": None, "cuda_available": False},
-    "bitsandbytes": {"installed": True, "loads": True},
-}
-PROBES = [{"probe": n, "status": "pass"} for n in preflight.CPU_PROBES]
-FAST = ["--max-steps", "6", "--save-every", "2", "--eval-every", "3", "--batch-size", "8"]
+pytestmark = pytest.mark.usefixtures("train_env")
+
 ROOT = str(Path(qdoctor.__file__).resolve().parent.parent)
-
-
-@pytest.fixture(autouse=True)
-def env(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("QDOCTOR_TEST_STOP_AFTER", raising=False)
-
-
-@pytest.fixture
-def pf(monkeypatch):
-    state = preflight.Preflight(CPU_FACTS, [], list(PROBES), fingerprint="test-fp")
-    monkeypatch.setattr(preflight, "run", lambda device, **kw: state)
-    return state
-
-
-def invoke(*args):
-    return CliRunner().invoke(train_cli.train, list(args), catch_exceptions=False)
 
 
 def child_env(tmp_path) -> dict:
@@ -232,3 +206,4 @@ def test_trust_remote_code_opts_in_and_the_plan_records_it(tmp_path, pf):
     assert marker.exists()  # the model's code ran: the user opted in
     r = invoke("--dry-run", "--json", "--output", str(tmp_path / "x"))
     assert r.exit_code == 0 and json.loads(r.stdout)["trust_remote_code"]["value"] is False
+
