@@ -107,7 +107,7 @@ PUBLIC = re.compile(r"\b[\w.-]+/[\w.-]+(?:#\d+| (?:tags?|commit|at|PR|issues?|re
                     r"|\b[\w.-]+#\d+")
 PATH = re.compile(r"(?<![\w/.:-])(?:\.{1,2}/|/|~/)?(?:[\w.-]+/)+[\w.-]+"
                   r"\.(?:md|py|toml|json|txt|yml|yaml|sh|mdx|png)\b")
-OUTSIDE = re.compile(r"(?<![\w/.-])(?:/work/|/tmp/|\.\./|~/|shared/)")
+OUTSIDE = re.compile(r"(?<![\w/.-])(?:/wor[k]/|/tmp/|\.\./|~/|shared/)")
 
 
 def source_problem(src: str) -> str | None:
