@@ -7,27 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import pytest
-from click.testing import CliRunner
+from cli_support import qd
 
 from qdoctor import matrix
-from qdoctor.cli import main
 from qdoctor.explain import judge_text
 
 MX = matrix.load()
 SNAP = Path(__file__).parent / "snapshots"
 FAILURES = MX["failures"]["failure"]
-
-
-@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def entry(args):
-    main(list(args))
-
-
-def qd(*args, input=None):
-    return CliRunner().invoke(entry, list(args), input=input)
 
 
 @pytest.mark.parametrize("f", FAILURES, ids=lambda f: f["code"])

@@ -8,11 +8,9 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import click
 import pytest
-from click.testing import CliRunner
+from cli_support import qd
 
-from qdoctor.cli import main
 from qdoctor.findings import Finding
 from qdoctor.formats import resolve_auto
 from qdoctor.formats.github import escape_data, escape_property, render_github
@@ -23,16 +21,6 @@ from qdoctor.smoke.result import ProbeResult, findings_for
 HERE = Path(__file__).parent
 SNAP = HERE / "snapshots"
 XSD = HERE / "schemas" / "junit-10.xsd"
-
-
-@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def entry(args):
-    main(list(args))
-
-
-def qd(*args, env=None):
-    return CliRunner().invoke(entry, list(args), env=env)
 
 
 @pytest.fixture(scope="module")

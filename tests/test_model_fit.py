@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import re
 
-import click
 import pytest
+from cli_support import entry
 from click.testing import CliRunner
 from test_rules_snapshots import SNAP, load, run
 
-from qdoctor.cli import main
 from qdoctor.facts.model import ModelNotFound, collect, find_config
 from qdoctor.train import memory
 
@@ -20,12 +19,6 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "interme
             "num_hidden_layers": 32, "num_key_value_heads": 8, "vocab_size": 128256}
 LLAMA_70B = {**LLAMA_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
              "num_hidden_layers": 80}
-
-
-@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def entry(args):
-    main(list(args))
 
 
 def model_dir(tmp_path, cfg, name="m"):

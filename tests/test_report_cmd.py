@@ -5,24 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
-from click.testing import CliRunner
+from cli_support import qd
 
-from qdoctor.cli import main
 from qdoctor.facts.schema import SNAPSHOT_FENCE
 
 SNAP = Path(__file__).parent / "snapshots"
 SECRET = "hf_reportsecretABCDEFGHIJ0123456789"
-
-
-@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def entry(args):
-    main(list(args))
-
-
-def qd(*args, env=None):
-    return CliRunner().invoke(entry, list(args), env=env)
 
 
 def judged(path) -> tuple[int, list]:

@@ -6,27 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import pytest
-from click.testing import CliRunner
-
-from qdoctor.cli import main
+from cli_support import qd
 
 SNAP = Path(__file__).parent / "snapshots"
 DOCS = Path(__file__).parent.parent / "docs" / "rules.md"
 SECRET = "hf_abcdefghijklmnopqrstuvwx123"
 URL_PASSWORD = "s3cr3t-pa55word"
-
-
-@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def entry(args):
-    """Runs the real entry point, so exit codes and error handling are the ones users get."""
-    main(list(args))
-
-
-def qd(*args):
-    return CliRunner().invoke(entry, list(args))
 
 
 def snap(name: str) -> str:

@@ -9,27 +9,15 @@ import json
 import re
 from pathlib import Path
 
-import click
 import pytest
-from click.testing import CliRunner
+from cli_support import qd
 
 from qdoctor import matrix, verified
-from qdoctor.cli import main
 from qdoctor.facts.schema import normalize
 from qdoctor.rules import judge
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAP = ROOT / "tests" / "snapshots"
-
-
-@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def entry(args):
-    main(list(args))
-
-
-def qd(*args):
-    return CliRunner().invoke(entry, list(args))
 
 
 def load(name):
