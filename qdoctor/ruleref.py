@@ -2,7 +2,8 @@
 
 The anchor is the code in lower case (`#qd303`), written as an explicit `<a id>` by qdoctor/rulesdoc.py,
 so it survives a changed title or slug. CI annotations, JSON consumers and the text view link there.
-A fork or a mirror points the links at its own copy with QDOCTOR_RULES_URL.
+The link is relative to the repository root (docs/rules.md#qd303) because qdoctor has no published home to
+point at; set QDOCTOR_RULES_URL to where your copy of docs/rules.md is served to get absolute links.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 
 RULES_DOC = "docs/rules.md"
-RULES_URL = "https://github.com/qdoctor/qdoctor/blob/main/docs/rules.md"
+RULES_URL = RULES_DOC
 
 
 def anchor(code: str) -> str:
