@@ -177,7 +177,7 @@ def _example_action_step():
     wf = yaml.safe_load((ROOT / "examples" / "github-workflow.yml").read_text())
     jobs = wf["jobs"]
     gate_job, step = next((name, s) for name, job in jobs.items() for s in job["steps"]
-                          if str(s.get("uses", "")).startswith(("qdoctor/qdoctor@", "./")))
+                          if str(s.get("uses", "")).endswith("/qdoctor@main") or s.get("uses") == "./")
     return wf, jobs, gate_job, step
 
 
