@@ -181,19 +181,6 @@ def broadcast_json(world: World, obj=None):
     return json.loads(box[0])
 
 
-def gather_json(world: World, obj) -> list | None:
-    """Every rank's JSON-serialisable object, in rank order, on rank 0 (None elsewhere)."""
-    if not world.several:
-        return [obj]
-    import json
-
-    import torch.distributed as dist
-
-    box = [None] * world.size if world.main else None
-    dist.gather_object(json.dumps(obj), box, dst=0)
-    return [json.loads(x) for x in box] if world.main else None
-
-
 # ---- the model ------------------------------------------------------------------------------------------
 
 
