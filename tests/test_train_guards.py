@@ -20,7 +20,7 @@ from qdoctor.train import checkpoint, loop, rundir
 from qdoctor.train import config as C
 from qdoctor.train import data as D
 from qdoctor.train import model as M
-from qdoctor.train.plan import Choice, make_plan
+from qdoctor.train.plan import Choice, Parallel, make_plan
 
 
 def strict_loads(text: str):
@@ -98,7 +98,7 @@ class Plan:
 
     def __init__(self):
         self.set(dtype="fp32", max_grad_norm=1.0, batch_size=4, max_steps=4, eval_every=100, save_every=100,
-                 loss_scaling=False)
+                 loss_scaling=False, parallel=Parallel(1, "single", None, 4, "cpu"))
 
     def set(self, **kw):
         for k, v in kw.items():

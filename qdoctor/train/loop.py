@@ -179,8 +179,7 @@ class Run:
 
     @property
     def sharded(self) -> bool:
-        parallel = getattr(self.plan, "parallel", None)
-        return parallel is not None and parallel.value.strategy == "fsdp"
+        return self.plan.parallel.value.strategy == "fsdp"
 
 
 def forward_loss(run: Run, batch: dict, n_label_tokens: int):
