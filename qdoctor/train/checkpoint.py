@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 from qdoctor.atomic import replace_dir
+from qdoctor.train.rundir import RECORD
 
 FORMAT = "qdoctor.checkpoint/1"
 STATE_JSON, STATE_TENSORS, ADAPTER = "state.json", "state.safetensors", "adapter"
@@ -153,7 +154,7 @@ def _sha256(path: Path) -> str:
 def run_identity(output: Path):
     """The identity run.json gives this run (None when absent): a checkpoint belongs to one run."""
     try:
-        return json.loads((Path(output) / "run.json").read_text()).get("identity")
+        return json.loads((Path(output) / RECORD).read_text()).get("identity")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -225,6 +226,15 @@ def save(output: Path, model, optimizer, scheduler, scaler, state: dict, *, rng_
 def exists(output: Path) -> bool:
     """A checkpoint directory is there (whole, damaged or old: `verify` tells which)."""
     return (Path(output) / "checkpoint").is_dir()
+
+
+def saved_step(output: Path) -> int | None:
+    """The optimizer step of the saved checkpoint (from its JSON side file), None when there is none."""
+    try:
+        step = json.loads((Path(output) / "checkpoint" / STATE_JSON).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def verify(output: Path) -> dict:

@@ -238,7 +238,9 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
         why = rundir.write_failure(e)
         if why is None:
             raise
-        step = rundir.checkpoint_step(setup.output)
+        from qdoctor.train.checkpoint import saved_step
+
+        step = saved_step(setup.output)
         kept = f"; the checkpoint of step {step} is intact; free space, then: {hint}" if step else ""
         _fail(f"cannot write to {setup.output}: {why}{kept}")
     _end(world, code)

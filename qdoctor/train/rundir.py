@@ -118,15 +118,6 @@ def write_failure(e: BaseException) -> str | None:
     return None
 
 
-def checkpoint_step(output: Path) -> int | None:
-    """The optimizer step of the saved checkpoint (from its JSON side file), None when there is none."""
-    try:
-        step = json.loads((output / "checkpoint" / "state.json").read_text()).get("step")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return step if isinstance(step, int) else None
-
-
 def holder(output: Path) -> int | None:
     """The pid holding the run's lock (0 when unknown), None when it is free."""
     f = output / LOCK

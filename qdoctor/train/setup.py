@@ -57,7 +57,7 @@ def prepare(cfg: C.TrainConfig, resume: bool, world: int = 1) -> Setup:
         else Path("runs") / (Path(src.name).name + time.strftime("-%Y%m%d-%H%M%S"))
     )
     previous = rundir.check(output, resume)
-    done = rundir.checkpoint_step(output) if previous else None
+    done = checkpoint.saved_step(output) if previous else None
     if done and cfg.max_steps and cfg.max_steps < done:
         raise rundir.RunDirError(
             f"--max-steps {cfg.max_steps} is below the {done} steps the run in {output} has done"
