@@ -337,14 +337,10 @@ def bnb_libs(facts: dict, matrix: dict, ver=None) -> list[str] | None:
     return list(r.get("cuda_libs", [])) if r else None
 
 
-def bnb_rules(matrix: dict) -> list[dict]:
-    return bnb_loader.rules(matrix)
-
-
 def bnb_pick(matrix: dict, ver, libs, cuda) -> str | None:
     """The CUDA library bitsandbytes `ver` would load for torch CUDA `cuda` (no override), or None:
     qdoctor.bnb_loader decides, as it does for the facts."""
-    return bnb_loader.pick(ver, libs, cuda, bnb_rules(matrix))
+    return bnb_loader.pick(ver, libs, cuda, bnb_loader.rules(matrix))
 
 
 def bnb_lib_archs(facts: dict, matrix: dict, lib: str, machine=None):
