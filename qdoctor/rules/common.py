@@ -116,18 +116,6 @@ def visible_gpus(facts: dict) -> list[dict]:
     return list(devices.visible(facts).gpus)
 
 
-def gpu_label(g: dict) -> str:
-    cc = cc_tuple(g.get("compute_capability"))
-    arch = f", {sm(cc)}" if cc else ""
-    ccs = "CC " + cuda_str(cc) if cc else "CC ?"
-    return f"GPU {g.get('index', '?')} {g.get('name') or 'unknown GPU'} ({ccs}{arch})"
-
-
-def gpu_short(g: dict) -> str:
-    cc = cc_tuple(g.get("compute_capability"))
-    return f"GPU {g.get('index', '?')} ({sm(cc) if cc else 'sm_?'})"
-
-
 def family(matrix: dict, cc) -> dict | None:
     c = cc_tuple(cc)
     if c is None:
@@ -237,19 +225,6 @@ def wheel_entry(matrix: dict, torch_ver, cuda) -> dict | None:
         if cuda_tuple(w.get("cuda")) == c:
             return w
     return None
-
-
-def latest_torch_minor(matrix: dict) -> str | None:
-    """The newest torch minor the matrix describes, e.g. '2.14'."""
-    best = None
-    for w in wheels(matrix):
-        for sp in SpecifierSet(w.get("torch", "")):
-            if sp.operator == "<":
-                v = Version(sp.version)
-                hi = (v.major, v.minor - 1) if v.minor else None
-                if hi and (best is None or hi > best):
-                    best = hi
-    return f"{best[0]}.{best[1]}" if best else None
 
 
 def torch_minors(matrix: dict) -> list[str]:
@@ -379,10 +354,6 @@ def python_version(facts: dict) -> str | None:
 
 def pkg(facts: dict, name: str) -> str | None:
     return (facts.get("packages") or {}).get(name)
-
-
-def has_nvidia_gpu(facts: dict) -> bool:
-    return bool(all_gpus(facts))
 
 
 def gib(mib) -> str:
