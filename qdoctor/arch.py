@@ -67,6 +67,18 @@ def arch_runs(cc, sass, ptx) -> bool | None:
     return any((t := cc_tuple(a)) is not None and t <= c for a in (ptx or []))
 
 
+def split_arch_list(arch_list) -> tuple[list[str], list[str]]:
+    """torch.cuda.get_arch_list() ('sm_90', 'compute_90') -> (cubin arches, PTX arches spelled 'sm_90')."""
+    sass = [a for a in arch_list if a.startswith("sm_")]
+    ptx = [a.replace("compute_", "sm_") for a in arch_list if a.startswith("compute_")]
+    return sass, ptx
+
+
+def by_cc(arches) -> list[str]:
+    """Distinct arches, lowest capability first (unreadable ones first)."""
+    return sorted(set(arches), key=lambda a: cc_tuple(a) or (0, 0))
+
+
 def arch_span(sass, ptx) -> str:
     sass = [a for a in (sass or []) if cc_tuple(a)]
     s = ", ".join(sass) if sass else "no cubins"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import re
 
+from qdoctor.arch import cc_tuple
+
 LIB_RE = re.compile(r"^libbitsandbytes_(?P<name>.+?)\.(?:so|dll|dylib)$")
 
 
@@ -58,12 +60,6 @@ def runtime_tuple(text) -> tuple[int, int] | None:
 
 def _digits(t: tuple[int, int], style: str) -> str:
     return f"{t[0] * 10 + t[1]}" if style == "times10" else f"{t[0]}{t[1]}"
-
-
-def _cc(text) -> tuple[int, int] | None:
-    from qdoctor.arch import cc_tuple
-
-    return cc_tuple(text)
 
 
 def _override(name: str, value: str, style: str) -> str:
@@ -130,8 +126,8 @@ def select_library(bnb_version, torch_cuda, torch_hip, available, environ, loade
         out["selected_reason"] = f"cannot parse torch's {what} version {torch_hip or torch_cuda!r}"
         return out
     suffix = ""
-    below, cc = rule.get("nocublaslt_below_cc"), _cc(highest_cc)
-    if below and not hip and cc and cc < _cc(below):
+    below, cc = rule.get("nocublaslt_below_cc"), cc_tuple(highest_cc)
+    if below and not hip and cc and cc < cc_tuple(below):
         suffix = "_nocublaslt"
     exact = f"{prefix}{_digits(runtime, rule.get('version_string', 'concat'))}{suffix}"
 

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from qdoctor.findings import Finding
+from qdoctor.findings import Finding, root_code, roots
 
 SCHEMA = "qdoctor.explain/1"
 MAX_BYTES = 64 << 20  # a CI log longer than this is judged by its last 64 MiB
@@ -43,9 +43,7 @@ def judge_text(text: str, matrix: dict, check_findings=()) -> list[Finding]:
         fix = kf.fix
         on_machine = [fired[c] for c in kf.check_codes if c in fired]
         if on_machine:
-            c = on_machine[0]
-            while c.caused_by in fired and c.caused_by != c.code:  # the check finding's own root cause
-                c = fired[c.caused_by]
+            c = fired[root_code(on_machine[0], fired.values())]  # the check finding's own root cause
             ev.append(f"the facts show it too: {c.code} {c.title}")
             if c.fix:
                 fix = c.fix
@@ -107,8 +105,6 @@ def render(findings: list[Finding], name: str, n_lines: int, facts_note: str | N
 
 def verdict(findings: list[Finding]) -> str:
     """'Verdict: 3 known failures: root cause KF43 <title>' (consequences are not counted as causes)."""
-    from qdoctor.findings import roots
-
     n = len(findings)
     rs = list(dict.fromkeys(f.code for f in roots(findings)))
     head = f"Verdict: {n} known failure{'s' * (n != 1)}"

@@ -6,6 +6,7 @@ Pure and cheap: only `re`; used by the check rules, the smoke probes and `qdocto
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 from dataclasses import asdict, dataclass, field
@@ -97,22 +98,12 @@ def match_all(text: str | None, matrix: dict) -> list[Hit]:
     starts = [0] + [m.end() for m in re.finditer("\n", low)]
     orig_lines = text.split("\n")
 
-    def line_of(pos: int) -> int:
-        lo, hi = 0, len(starts) - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if starts[mid] <= pos:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
     taken: set[int] = set()  # lines already explained by a more specific entry
     hits = []
     for pat, kf in _compiled(table_from(matrix)):
         nos = []
         for m in pat.finditer(low):
-            n = line_of(m.start())
+            n = bisect.bisect_right(starts, m.start()) - 1  # 0-based line of the match
             if n not in nos:
                 nos.append(n)
         nos = [n for n in nos if n not in taken]

@@ -100,7 +100,7 @@ def test_ci_log_with_colour_codes_finds_each_failure_once_and_folds_the_conseque
     assert set(fs) == {"KF04", "KF02"}
     assert fs["KF02"].caused_by == "KF04" and fs["KF02"].fix is None
     assert "line 3:" in fs["KF04"].evidence[0]
-    assert "(and 1 more line)" in fs["KF02"].evidence[0]
+    assert fs["KF02"].evidence[0].startswith("line 5:") and "(and 1 more line)" in fs["KF02"].evidence[0]
 
 
 def test_cli_exit_codes_and_text(tmp_path):
@@ -144,3 +144,19 @@ def test_secrets_in_the_log_are_not_printed():
     text = f"token={secret}\nError 802: system not yet initialized {secret}\n"
     r = qd("explain", "-", "--no-facts", "-v", input=text)
     assert r.exit_code == 0 and secret not in r.output
+
+
+def test_a_predicting_check_finding_lends_the_fix_of_its_root_cause_and_a_cycle_ends_the_walk():
+    from qdoctor.findings import Finding
+
+    text = CLASS_TEXTS["CUDA error 802"][0]
+    kf43 = next(f for f in FAILURES if f["code"] == "KF43")
+    pred = kf43["check_codes"][0]
+    check = [Finding(pred, "error", "predicts it", [], None, caused_by="QD999"),
+             Finding("QD999", "error", "the root", [], "fix the root")]
+    (f,) = judge_text(text, MX, check)
+    assert f.fix == "fix the root" and any("QD999 the root" in e for e in f.evidence)
+    loop = [Finding(pred, "error", "predicts it", [], "own fix", caused_by="QD999"),
+            Finding("QD999", "error", "loops back", [], "loop fix", caused_by=pred)]
+    (f,) = judge_text(text, MX, loop)  # used to spin forever on A -> B -> A
+    assert f.fix == "loop fix"

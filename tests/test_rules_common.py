@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qdoctor import matrix
+from qdoctor.arch import by_cc, split_arch_list
 from qdoctor.rules.common import arch_runs, driver_runs, pick_wheel, pip_torch, visible_gpus
 
 M = matrix.load()
@@ -16,6 +17,12 @@ def test_arch_runs_binary_and_ptx_compatibility():
     assert arch_runs("12.0", ["sm_90"], ["sm_90"]) is True  # PTX JIT upwards
     assert arch_runs("9.0", ["sm_90a"], []) is True and arch_runs("10.0", ["sm_90a"], []) is False
     assert arch_runs(None, ["sm_90"], []) is None and arch_runs("9.0", None, None) is None
+
+
+def test_split_arch_list_names_ptx_in_sm_spelling_sorted_by_capability():
+    assert split_arch_list(["sm_75", "sm_120", "compute_120", "compute_90"]) == (["sm_75", "sm_120"],
+                                                                              ["sm_120", "sm_90"])
+    assert by_cc(["sm_120", "sm_90", "sm_120", "sm_100"]) == ["sm_90", "sm_100", "sm_120"]  # not by text
 
 
 def facts(driver, cuda_driver):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from qdoctor import cache
-from qdoctor.arch import cc_tuple
+from qdoctor.arch import by_cc, split_arch_list
 from qdoctor.isolate import tail_lines
 
 MAX_AGE_S = cache.MAX_AGE_S  # a cached deep result older than this is not shown by a plain check
@@ -185,12 +185,11 @@ def merge(facts: dict, result: dict) -> dict:
         runtime_arch = t.get("arch_list")
         if runtime_arch:
             torch["runtime_arch_list"] = runtime_arch
-            sass = [a for a in runtime_arch if a.startswith("sm_")]
+            sass, ptx = split_arch_list(runtime_arch)
             if sass:
                 torch["arch_list"] = sass
-            ptx = {a.replace("compute_", "sm_") for a in runtime_arch if a.startswith("compute_")}
             if ptx:
-                torch["ptx"] = sorted(set(torch.get("ptx") or []) | ptx, key=lambda a: cc_tuple(a) or (0, 0))
+                torch["ptx"] = by_cc([*(torch.get("ptx") or []), *ptx])
         if t.get("error"):
             torch["error"] = t["error"]
     elif t.get("error"):

@@ -17,7 +17,6 @@ from qdoctor.rules.common import (
     bnb_libs,
     bnb_pick,
     bnb_release,
-    bnb_rules,
     bnb_version,
     cap,
     cc_tuple,
@@ -54,7 +53,7 @@ def _state(facts, matrix) -> dict:
     libs = bnb_libs(facts, matrix, ver)
     tc = torch_cuda(facts)
     ov = _override(facts)
-    rule = bnb_loader.rule_for(ver, bnb_rules(matrix)) or {}
+    rule = bnb_loader.rule_for(ver, bnb_loader.rules(matrix)) or {}
     loader = rule.get("strategy", "exact")
     installed = b.get("installed")
     if installed is None and ver:

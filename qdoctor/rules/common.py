@@ -116,18 +116,6 @@ def visible_gpus(facts: dict) -> list[dict]:
     return list(devices.visible(facts).gpus)
 
 
-def gpu_label(g: dict) -> str:
-    cc = cc_tuple(g.get("compute_capability"))
-    arch = f", {sm(cc)}" if cc else ""
-    ccs = "CC " + cuda_str(cc) if cc else "CC ?"
-    return f"GPU {g.get('index', '?')} {g.get('name') or 'unknown GPU'} ({ccs}{arch})"
-
-
-def gpu_short(g: dict) -> str:
-    cc = cc_tuple(g.get("compute_capability"))
-    return f"GPU {g.get('index', '?')} ({sm(cc) if cc else 'sm_?'})"
-
-
 def family(matrix: dict, cc) -> dict | None:
     c = cc_tuple(cc)
     if c is None:
@@ -239,19 +227,6 @@ def wheel_entry(matrix: dict, torch_ver, cuda) -> dict | None:
     return None
 
 
-def latest_torch_minor(matrix: dict) -> str | None:
-    """The newest torch minor the matrix describes, e.g. '2.14'."""
-    best = None
-    for w in wheels(matrix):
-        for sp in SpecifierSet(w.get("torch", "")):
-            if sp.operator == "<":
-                v = Version(sp.version)
-                hi = (v.major, v.minor - 1) if v.minor else None
-                if hi and (best is None or hi > best):
-                    best = hi
-    return f"{best[0]}.{best[1]}" if best else None
-
-
 def torch_minors(matrix: dict) -> list[str]:
     """Every torch minor the matrix describes, newest first."""
     return list(_torch_minors(tuple(w.get("torch") or "" for w in wheels(matrix))))
@@ -337,14 +312,10 @@ def bnb_libs(facts: dict, matrix: dict, ver=None) -> list[str] | None:
     return list(r.get("cuda_libs", [])) if r else None
 
 
-def bnb_rules(matrix: dict) -> list[dict]:
-    return bnb_loader.rules(matrix)
-
-
 def bnb_pick(matrix: dict, ver, libs, cuda) -> str | None:
     """The CUDA library bitsandbytes `ver` would load for torch CUDA `cuda` (no override), or None:
     qdoctor.bnb_loader decides, as it does for the facts."""
-    return bnb_loader.pick(ver, libs, cuda, bnb_rules(matrix))
+    return bnb_loader.pick(ver, libs, cuda, bnb_loader.rules(matrix))
 
 
 def bnb_lib_archs(facts: dict, matrix: dict, lib: str, machine=None):
@@ -383,10 +354,6 @@ def python_version(facts: dict) -> str | None:
 
 def pkg(facts: dict, name: str) -> str | None:
     return (facts.get("packages") or {}).get(name)
-
-
-def has_nvidia_gpu(facts: dict) -> bool:
-    return bool(all_gpus(facts))
 
 
 def gib(mib) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qdoctor.arch import by_cc, split_arch_list
 from qdoctor.findings import Finding
 from qdoctor.rules import rule
 from qdoctor.rules.common import (
@@ -44,11 +45,8 @@ def _archs(facts, matrix):
     """(sass, ptx, origin): the build's own arch list when observed, else the matrix row of this wheel."""
     t = _t(facts)
     if t.get("arch_list"):
-        sass = [a for a in t["arch_list"] if a.startswith("sm_")]
-        ptx = list(t.get("ptx") or []) + [
-            a.replace("compute_", "sm_") for a in t["arch_list"] if a.startswith("compute_")
-        ]
-        return sass, sorted(set(ptx), key=lambda a: cc_tuple(a) or (0, 0)), "torch.arch_list"
+        sass, ptx = split_arch_list(t["arch_list"])
+        return sass, by_cc([*(t.get("ptx") or []), *ptx]), "torch.arch_list"
     w = wheel_entry(matrix, torch_version(facts), torch_cuda(facts))
     if w:
         return w.get("sass"), w.get("ptx"), f"torch_wheels {w['variant']} row{cited(w)}"
