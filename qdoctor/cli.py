@@ -210,9 +210,7 @@ def emit_report(command, findings, facts, fmt, verbose, extra=None, text_footer=
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")
 def matrix_cmd(platform, fmt):
     """Print the verified combinations (matrix/verified/<platform>.json): which stacks were run, and how."""
-    import json
-
-    from qdoctor import verified
+    from qdoctor import strict_json, verified
 
     known = verified.platforms()
     if platform in (None, "all"):
@@ -229,7 +227,7 @@ def matrix_cmd(platform, fmt):
         raise UsageError(f"nothing verified on platform {platform!r} (verified: {have})")
     docs = [verified.load(p) for p in chosen]
     if fmt == "json":
-        out(json.dumps(docs, indent=1) + "\n")
+        out(strict_json.dumps(docs, indent=1) + "\n")
         return
     out("\n".join(verified.render_table(d, fmt) for d in docs if d) or "nothing verified yet\n")
 
