@@ -87,12 +87,13 @@ def report(output, no_smoke, probes, facts_file, timeout):
     findings = judge(facts, mx)
     extra, table = {}, None
     if not no_smoke:
-        from qdoctor import devices, extra
+        from qdoctor import devices
+        from qdoctor.extra import require
         from qdoctor.smoke import findings_for, run_probes
         from qdoctor.smoke.runner import ProbeUsageError, select_probes
         from qdoctor.smoke.view import markdown_table
 
-        extra.require("report")  # the probes drive the stack; `--no-smoke` needs none of it
+        require("report")  # the probes drive the stack; `--no-smoke` needs none of it
         try:
             select_probes(list(probes))
             dev = devices.parse_device(None, facts)

@@ -18,6 +18,7 @@ from qdoctor.console import (  # noqa: F401 - re-exported: the commands import t
     UsageError,
     out,
 )
+from qdoctor.formats import FORMATS
 
 
 def codes_option(value: str | None, flag: str = "--select") -> tuple[str, ...]:
@@ -39,7 +40,7 @@ def codes_option(value: str | None, flag: str = "--select") -> tuple[str, ...]:
 def format_options(f):
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")(f)
     f = click.option("--format", "fmt",
-                     type=click.Choice(["text", "json", "markdown", "junit", "github", "auto"]), default=None,
+                     type=click.Choice(FORMATS), default=None,
                      help="Output format: markdown for bug reports and job summaries, junit for CI test "
                           "reports, github for workflow annotations, auto = github under GitHub Actions "
                           "(GITHUB_ACTIONS=true), else text.")(f)
@@ -150,7 +151,7 @@ def write_facts(path: str, facts: dict) -> None:
     write_text(path, strict_json.dumps(redact_obj(facts), indent=2) + "\n")
 
 
-ALSO_FORMATS = ("text", "json", "markdown", "junit", "github")
+ALSO_FORMATS = tuple(f for f in FORMATS if f != "auto")
 
 
 def also_option(values) -> list[tuple[str, str]]:
@@ -209,9 +210,7 @@ def emit_report(command, findings, facts, fmt, verbose, extra=None, text_footer=
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")
 def matrix_cmd(platform, fmt):
     """Print the verified combinations (matrix/verified/<platform>.json): which stacks were run, and how."""
-    import json
-
-    from qdoctor import verified
+    from qdoctor import strict_json, verified
 
     known = verified.platforms()
     if platform in (None, "all"):
@@ -228,7 +227,7 @@ def matrix_cmd(platform, fmt):
         raise UsageError(f"nothing verified on platform {platform!r} (verified: {have})")
     docs = [verified.load(p) for p in chosen]
     if fmt == "json":
-        out(json.dumps(docs, indent=1) + "\n")
+        out(strict_json.dumps(docs, indent=1) + "\n")
         return
     out("\n".join(verified.render_table(d, fmt) for d in docs if d) or "nothing verified yet\n")
 

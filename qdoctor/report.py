@@ -183,8 +183,8 @@ def render_markdown(findings: list[Finding], facts: dict | None, command: str,
         code = f"[{f.code}]({url(f.code)})"
         if f.caused_by:
             fix = f"(follows from {root_code(f, findings)})"
-            return f"| {f.severity} | {prefix}{code} | {f.area} | {title} | {fix} |"
-        fix = f"`{fix}`" if fix else ""
+        elif fix:
+            fix = f"`{fix}`"
         return f"| {f.severity} | {prefix}{code} | {f.area} | {title} | {fix} |"
 
     for f in sorted(findings, key=lambda f: (-rank(f.severity), f.code)):

@@ -48,7 +48,7 @@ def all_codes() -> dict[str, str]:
     """Every finding code qdoctor can emit -> its area: check rules, QD001, probes, KFxx, QD8xx."""
     from qdoctor.rules import load_rules
 
-    out = {"QD001": "general"}
+    out = {}
     for r in load_rules():
         out.update(dict.fromkeys(r.codes, r.area))
     out.update({c: area for c, _, area, _ in other_codes()})
