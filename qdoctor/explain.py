@@ -126,9 +126,7 @@ def explain(file, facts_file, no_facts, as_json, verbose):
 
     Exit 0 when a known failure was found, 1 when none was (it says what it looked for), 2 on bad input.
     """
-    import json
-
-    from qdoctor import __version__, matrix
+    from qdoctor import __version__, matrix, strict_json
     from qdoctor.cli import EXIT_FINDINGS, EXIT_OK, UsageError, out
     from qdoctor.rules import judge
 
@@ -157,7 +155,7 @@ def explain(file, facts_file, no_facts, as_json, verbose):
                "verdict": "known-failure" if findings else "unknown"}
         if not findings:
             doc["looked_for"] = looked_for(mx)
-        out(json.dumps(doc, indent=2) + "\n")
+        out(strict_json.dumps(doc, indent=2) + "\n")
     else:
         out(render(findings, name, n_lines, note, mx, verbose))
     sys.exit(EXIT_OK if findings else EXIT_FINDINGS)
