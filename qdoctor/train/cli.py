@@ -144,7 +144,8 @@ Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input
 @_opt("--optimizer", metavar=_choice("optimizer"), default_text="auto: by probes and memory")
 @_opt("--gradient-checkpointing", metavar=_choice("gradient_checkpointing"),
       default_text="auto: on when activations do not fit")
-@_opt("--attention", metavar=_choice("attention"), default_text="auto: sdpa")
+@_opt("--attention", metavar=_choice("attention"),
+      default_text="auto: varlen for packed rows on a GPU, else sdpa")
 @_opt("--fused-loss", metavar=_choice("fused_loss"), default_text="auto: liger-kernel where it is installed",
       help="Fused linear + cross-entropy: the logits are never materialised.")
 @_opt("--compile", metavar=_choice("compile"), default_text="auto: on GPUs where it was measured faster",

@@ -441,7 +441,7 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float,
-              fused: bool = False, world: int = 1, shards: int = 1):
+              fused: bool = False, world: int = 1, shards: int = 1, dense_mask: bool | None = None):
     """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails.
     `batch` is what one process takes of each step (the effective batch / world)."""
     ck_opts = {"auto": (False, True), "on": (True,), "off": (False,)}[cfg.gradient_checkpointing]
@@ -461,7 +461,7 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 optimizer=optimizer,
                 lora_r=cfg.lora_r,
                 fused_loss=fused,
-                packed=cfg.packing,
+                packed=cfg.packing if dense_mask is None else dense_mask,
                 shards=shards,
             )
             if est.total_gib <= budget:
@@ -499,7 +499,7 @@ class Fit:
 
 
 def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int, tokens: int,
-               fused: bool, world: int = 1, shards: int = 1) -> Fit:
+               fused: bool, world: int = 1, shards: int = 1, dense_mask: bool | None = None) -> Fit:
     """The first optimizer (best first) with a micro-batch that fits the budget; the largest such micro-batch,
     without checkpointing where that fits. When nothing fits: the best optimizer at micro-batch 1 (or the
     one set), with `fits` False. `batch` is one process's share of a step; `shards` > 1 is FSDP."""
@@ -507,13 +507,13 @@ def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str
     chain = optimizer_chain(cfg, facts, probes, device, fsdp=shards > 1)
     for opt in chain:
         fit = fit_batch(shape, cfg, batch=batch, tokens=tokens, quant=quant, dtype=dtype, optimizer=opt.value,
-                        budget=budget, fused=fused, world=world, shards=shards)
+                        budget=budget, fused=fused, world=world, shards=shards, dense_mask=dense_mask)
         if fit is not None:
             return Fit(opt, *fit, budget, why, True)
     mb, ck = batch_split(cfg, world)[1] or 1, cfg.gradient_checkpointing != "off"
     est = memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=ck, quantization=quant,
                           dtype=dtype, optimizer=chain[0].value, lora_r=cfg.lora_r, fused_loss=fused,
-                          packed=cfg.packing, shards=shards)
+                          packed=cfg.packing if dense_mask is None else dense_mask, shards=shards)
     return Fit(chain[0], mb, ck, est, budget, why, False)
 
 
@@ -526,7 +526,8 @@ def _accelerate_fsdp(environ) -> bool:
 
 
 def choose_parallel(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int,
-                    tokens: int, fused: bool, world: int, environ=None) -> tuple[Choice[Parallel], Fit]:
+                    tokens: int, fused: bool, world: int, environ=None, dense_mask: bool | None = None
+                    ) -> tuple[Choice[Parallel], Fit]:
     """One process; or several, each holding the whole 4-bit model (DDP: the fastest, when it fits), or a
     shard of it (FSDP-QLoRA: when one GPU cannot hold the model and a micro-batch, or when asked). Returns
     the choice and the memory fit it was decided on."""
@@ -537,7 +538,7 @@ def choose_parallel(cfg, facts, probes, shape, *, device: str, dtype: str, quant
 
     def fit(shards):
         return fit_memory(cfg, facts, probes, shape, device=device, dtype=dtype, quant=quant, batch=per,
-                          tokens=tokens, fused=fused, world=world, shards=shards)
+                          tokens=tokens, fused=fused, world=world, shards=shards, dense_mask=dense_mask)
 
     ddp = fit(1)
     if world == 1:
@@ -617,11 +618,33 @@ def choose_checkpointing(cfg: TrainConfig, fit: Fit) -> Choice[bool]:
     return Choice(False, "activations fit without it: 36-41% faster on the H200 (docs/memory-calibration.md)")
 
 
-def choose_attention(cfg: TrainConfig) -> Choice[str]:
-    if cfg.attention != "auto":
+def choose_attention(cfg: TrainConfig, facts: dict, device: str, dtype: str) -> Choice[str]:
+    """Packed rows need attention kept inside each document: variable-length flash attention ("varlen")
+    where torch, the GPU and the dtype allow it, else SDPA with a dense document mask (slower, and its memory
+    counted in the estimate)."""
+    from qdoctor.train import speed
+
+    if cfg.attention in ("sdpa", "eager"):
         return Choice(cfg.attention, "set by you")
-    return Choice("sdpa", "torch scaled_dot_product_attention (fused kernels, exact); eager only as a "
-                  "fallback")
+    if not cfg.packing and cfg.attention == "auto":
+        return Choice("sdpa", "torch scaled_dot_product_attention (fused kernels, exact); eager only as a "
+                      "fallback")
+    tv = (facts.get("torch") or {}).get("version") or (facts.get("packages") or {}).get("torch")
+    cc = _cc(_gpu(facts, device)) if device.startswith("cuda") else None
+    missing = speed.varlen_missing(device, dtype, tv, cc)
+    mine = "" if cfg.attention == "auto" else "; set by you"
+    if missing is None:
+        return Choice("varlen", "variable-length flash attention (torch.nn.attention.varlen): each packed "
+                      "document attends only to itself, with no dense mask; self-checked against SDPA when "
+                      f"the model loads (H200, 1.1B: {_varlen_measured()}){mine}")
+    if cfg.attention == "varlen":
+        return Choice("sdpa", f"varlen asked for, but {missing}: SDPA instead"
+                      + (" with a dense document mask" if cfg.packing else ""))
+    return Choice("sdpa", f"packed rows: SDPA with a dense document mask ({missing})")
+
+
+def _varlen_measured() -> str:
+    return "packed 2x4096 at the speed of 8x1024 rows, bench/NOTES.md"
 
 
 def choose_lr(cfg: TrainConfig, embedded: bool, shape: memory.Shape) -> Choice[float]:
@@ -711,9 +734,11 @@ def make_plan(
     seq_len = choose_seq_len(cfg, max_positions)
     tokens = seq_len.value if cfg.packing else min(seq_len.value, max_len or seq_len.value)
     fused = choose_fused_loss(cfg, facts, device.value, model_type)
+    attention = choose_attention(cfg, facts, device.value, dtype.value)
     parallel, fit = choose_parallel(cfg, facts, probes, shape, device=device.value, dtype=dtype.value,
                                     quant=quant.value, batch=batch.value, tokens=tokens,
-                                    fused=fused.value == "liger", world=world, environ=environ)
+                                    fused=fused.value == "liger", world=world, environ=environ,
+                                    dense_mask=cfg.packing and attention.value != "varlen")
     per_rank = parallel.value.per_rank_batch
     micro = choose_micro_batch(cfg, fit, per_rank, world)
     ckpt = choose_checkpointing(cfg, fit)
@@ -727,7 +752,7 @@ def make_plan(
         quantization=quant,
         optimizer=fit.optimizer,
         gradient_checkpointing=ckpt,
-        attention=choose_attention(cfg),
+        attention=attention,
         seq_len=seq_len,
         batch_size=batch,
         micro_batch=micro,
