@@ -127,3 +127,42 @@ def test_train_runs_with_the_fused_mlp_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout) if hasattr(r, "stdout") else None
     assert out["status"] == "completed" and out["plan"]["fused_mlp"]["value"] is True
+
+
+@pytest.mark.gpu
+def test_bf16_on_the_gpu_matches_peft_within_bf16_rounding():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qdoctor.train.model import embedded_base_dir
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    m = AutoModelForCausalLM.from_pretrained(embedded_base_dir(), quantization_config=q, dtype=torch.bfloat16,
+                                             device_map={"": "cuda:0"})
+    m.config.use_cache = False
+    torch.manual_seed(0)
+    m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                     task_type="CAUSAL_LM")).train()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    ids = torch.randint(0, m.config.vocab_size, (4, 128), device="cuda")
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return float(loss), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = run()
+    assert lora_mlp.apply(m)[0] == m.config.num_hidden_layers
+    loss, got = run()
+    assert abs(loss / ref_loss - 1) < 1e-3
+    for k in ref:
+        cos = torch.nn.functional.cosine_similarity(got[k].flatten(), ref[k].flatten(), dim=0)
+        assert cos > 0.99, (k, float(cos))

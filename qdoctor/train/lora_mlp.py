@@ -125,9 +125,6 @@ _FN = None
 
 
 def _forward(self, x):
-    global _FN
-    if _FN is None:
-        _FN = _function()
     gw, ga, gb, sg = _parts(self.gate_proj)
     uw, ua, ub, su = _parts(self.up_proj)
     dw, da, db, sd = _parts(self.down_proj)
@@ -142,7 +139,11 @@ def decoder_mlps(model) -> list:
 
 def apply(model) -> tuple[int, str | None]:
     """Route every eligible decoder MLP through the fused function. Returns (how many, why not for the
-    first one that is not)."""
+    first one that is not). The autograd function's class is built here, not in the first forward, which
+    torch.compile would trace (a class definition is a graph break)."""
+    global _FN
+    if _FN is None:
+        _FN = _function()
     n, why = 0, None
     for mlp in decoder_mlps(model):
         w = eligible(mlp)
