@@ -122,8 +122,8 @@ def test_train_runs_with_the_fused_mlp_end_to_end(tmp_path):
 
     from qdoctor.cli import cli
 
-    r = CliRunner().invoke(cli, ["train", "--skip-probes", "--json", "--lora-dropout", "0", "--max-steps", "6",
-                                 "--output", str(tmp_path / "run")])
+    r = CliRunner().invoke(cli, ["train", "--skip-probes", "--json", "--lora-dropout", "0",
+                                 "--max-steps", "6", "--output", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout) if hasattr(r, "stdout") else None
     assert out["status"] == "completed" and out["plan"]["fused_mlp"]["value"] is True
