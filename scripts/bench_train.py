@@ -161,7 +161,6 @@ def worker(a) -> None:
             gradient_checkpointing="on" if variant == "ckpt" else "auto" if planned else "off",
             fused_loss="auto" if planned else "none",
             compile="auto" if planned else "off",
-            fused_mlp="off" if "nomlp" in variant or not planned else "auto",
             attention="sdpa" if "dense" in variant else "auto",
         )
         src = M.resolve(a.model)
@@ -181,6 +180,12 @@ def worker(a) -> None:
                 speed.compile_layers(model)
             load_s = time.perf_counter() - t0
             init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        else:  # one load per process: each later shape gets the attention its own plan chose
+            want = M._attn_implementation(plan)
+            if model.config._attn_implementation != want:
+                model.set_attn_implementation(want)
+                if want == speed.VARLEN and speed.varlen_self_check("cuda:0", torch.bfloat16):
+                    model.set_attn_implementation("sdpa")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:
@@ -211,7 +216,7 @@ def worker(a) -> None:
             err = repr(e)[:300]
         rec = {"contender": "qdoctor", "variant": variant, "bs": bs, "seq": seq, "packed": packed,
                "plan_fused_loss": plan.fused_loss.value, "plan_compile": plan.compile.value,
-               "plan_attention": model.config._attn_implementation, "plan_fused_mlp": plan.fused_mlp.value,
+               "plan_attention": model.config._attn_implementation,
                "load_s": round(load_s, 1),
                "plan_estimate_gib": round(plan.memory.estimate.total_gib, 2),
                "plan_checkpointing": plan.gradient_checkpointing.value,
