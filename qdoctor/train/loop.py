@@ -185,8 +185,11 @@ class Run:
 def forward_loss(run: Run, batch: dict, n_label_tokens: int):
     import torch
 
-    if "position_ids" in batch and getattr(run.model.config, "_attn_implementation", None) == speed.VARLEN:
-        batch = {**batch, **speed.varlen_kwargs(batch["position_ids"])}  # document boundaries, from the host
+    if getattr(run.model.config, "_attn_implementation", None) == speed.VARLEN:  # boundaries, from the host
+        pos = batch.get("position_ids")
+        extra = speed.varlen_kwargs(pos) if pos is not None else speed.varlen_kwargs_from_mask(
+            batch["attention_mask"])
+        batch = {**batch, **extra}
     batch = {k: v.to(run.device) if hasattr(v, "to") else v for k, v in batch.items()}
     with torch.autocast(
         run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.dtype.value != "fp32"
