@@ -21,19 +21,20 @@ CPU machine (here: torch 2.13.0+cpu in the base venv):
 
     nohup nice -n 10 python scripts/verify_matrix.py run --grid scripts/grids/cpu.toml -j 2 &
 
-GPU machine without network (the H200): on a networked machine, first collect every wheel the grid
-needs for the GPU machine's Python (torch excluded: the base venv there has its CUDA build):
+GPU machine without network or pip index, whose system python3 already holds a CUDA torch, transformers,
+peft and accelerate (the H200): only bitsandbytes varies there, and full wheels (43-73 MB each) do not fit
+the 64 MiB a call carries. On a networked machine, build trimmed installs -- each release unpacked, keeping
+the native libraries the grid's combinations load plus the CPU library -- into one tar.xz, with a tracked
+manifest of what was dropped (scripts/grids/h200-carried.json); a grid combination whose library choice the
+trimming would change is refused, here and again on the GPU machine against its torch:
 
-    python scripts/verify_matrix.py download --grid scripts/grids/h200.toml --wheels wheels/ \
-        --python-version 3.12
+    python scripts/verify_matrix.py carry --grid scripts/grids/h200.toml --out .gpu/matrix
 
-(each combination is resolved against this machine's base, so what the base already holds -- torch and
-the stack's common dependencies -- is not downloaded: the GPU machine's base venv must hold them too, as a
-venv with the `train` extra does), then carry the repository and wheels/ over and run there, with the base
-venv that holds the CUDA torch:
+then carry the repository and .gpu/matrix over and run there (no venvs, no pip: each release's folder goes
+first on PYTHONPATH, then this repository, then those of qdoctor's own dependencies the machine lacks):
 
-    python scripts/verify_matrix.py run --grid scripts/grids/h200.toml --wheels wheels/ --offline \
-        --base-python /opt/torch/.venv/bin/python -j 4
+    python3 scripts/verify_matrix.py run --grid scripts/grids/h200.toml --carried .gpu/matrix \
+        --base-python python3 -j 4 --deadline 330
 
 which writes matrix/verified/linux-x86_64-cuda-sm_90.json. `render` rewrites docs/matrix.md from every
 platform's file.
@@ -609,7 +610,8 @@ def machine(facts: dict) -> dict:
 
 
 def base_facts(python: str, extra: tuple = ()) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *map(str, extra)])}
+    env = {k: v for k, v in os.environ.items() if k not in verified.ENV_KEYS}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *map(str, extra)])
     rc, out, err = run([python, "-m", "qdoctor", "check", "--json"], env=env, timeout=120)
     try:
         return json.loads(out)["facts"]
