@@ -665,6 +665,10 @@ def cmd_run(args) -> int:
                   + "\n  ".join(bad), file=sys.stderr)
             return 2
     platform = args.platform or verified.platform_key(facts)
+    if args.expect_platform and platform != args.expect_platform:
+        print(f"verify_matrix: this machine is {platform}, not {args.expect_platform} (--expect-platform): "
+              "nothing run", file=sys.stderr)
+        return 2
     out_path = Path(args.out or ROOT / "matrix" / "verified" / f"{platform}.json")
     method = ("scripts/verify_matrix.py: a venv per combination over the base interpreter's torch; "
               "`qdoctor check --json` and `qdoctor smoke --json` in each")
@@ -677,7 +681,7 @@ def cmd_run(args) -> int:
     head = {"schema": verified.SCHEMA, "platform": platform, "machine": machine(facts),
             "base": {"torch": (facts.get("packages") or {}).get("torch"),
                      "python": facts["platform"].get("python")},
-            "method": method, "qdoctor_commit": sha.strip() if rc == 0 else None,
+            "method": method, "qdoctor_commit": args.commit or (sha.strip() if rc == 0 else None),
             "note": "check's prediction (check.predicted) leaves out QD510/QD511, which come from earlier "
                     "measurements"}
     output = Output(out_path, head)
@@ -775,6 +779,9 @@ def main(argv=None) -> int:
     r.add_argument("--offline", action="store_true", help="install from --wheels only (pip --no-index)")
     r.add_argument("--platform", default=None, help="override the platform key (default: from check's facts)")
     r.add_argument("--out", default=None, help="default: matrix/verified/<platform>.json")
+    r.add_argument("--expect-platform", default=None,
+                   help="stop unless this machine's platform key is this one (a GPU that is not seen would "
+                        "otherwise add its results to the CPU file)")
     r.add_argument("--timeout", type=int, default=600, help="seconds per probe (smoke --timeout)")
     r.add_argument("--install-timeout", type=int, default=1800)
     r.add_argument("--redo", action="store_true", help="run combinations that already have a result")
@@ -782,6 +789,8 @@ def main(argv=None) -> int:
     r.add_argument("--carried", default=None,
                    help="trimmed bitsandbytes installs made by `carry` (a folder with its tar.xz): no venvs, "
                         "no pip; the grid's other packages are the base interpreter's")
+    r.add_argument("--commit", default=None, help="qdoctor's commit to record (default: git's HEAD; a copy "
+                   "of the tree without .git records none)")
     r.add_argument("--deadline", type=float, default=None,
                    help="seconds after which no combination starts (a later run resumes)")
     c = sub.add_parser("carry", help="trimmed bitsandbytes installs for `run --carried` (an offline machine)")

@@ -203,6 +203,18 @@ def test_carried_run_refuses_a_grid_that_measures_the_trimming(carried, monkeypa
     assert "bnb-0.50.2_BNB_CUDA_VERSION-126: BNB_CUDA_VERSION=126 names libbitsandbytes_cuda126" in err
 
 
+def test_carried_run_stops_on_another_platform_than_expected(carried, monkeypatch, capsys):
+    tmp, stub, root, log = carried
+    vm = _script()
+    grid = tmp / "g.toml"
+    grid.write_text('[[block]]\nbitsandbytes = ["0.50.2"]\n')
+    out = tmp / "out.json"
+    rc = vm.main(["run", "--grid", str(grid), "--carried", str(root), "--base-python", str(stub),
+                  "--work", str(tmp / "work"), "--out", str(out), "--expect-platform", "linux-x86_64-cpu"])
+    assert rc == 2 and not out.exists()
+    assert "this machine is linux-x86_64-cuda-sm_90, not linux-x86_64-cpu" in capsys.readouterr().err
+
+
 def test_carried_folder_unpacks_its_tarball_once(tmp_path):
     vm = _script()
     import tarfile
