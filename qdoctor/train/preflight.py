@@ -7,6 +7,7 @@ Error findings stop the run unless --force.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from qdoctor.findings import Finding
@@ -112,7 +113,14 @@ def run(
 
     t0 = time.perf_counter()
     progress("checking the machine (as `qdoctor check --deep`)")
-    facts = collect(deep=True)
+    # --skip-probes: no child at all. `train` has imported torch already, so what the deep child would
+    # report about torch is read here instead of importing it again in a child (seconds on a fresh cache)
+    here = skip_probes and "torch" in sys.modules
+    facts = collect(deep=not here)
+    if here and not facts["runtime"].get("cached"):
+        from qdoctor.facts import runtime
+
+        runtime.merge(facts, runtime.in_this_process(sys.modules["torch"]))
     # the user's --device checked as `smoke --device` is, or the default: the first *visible* GPU
     # torch can use, else the CPU (never a GPU that CUDA_VISIBLE_DEVICES hides)
     try:
