@@ -118,7 +118,7 @@ def _batches(shape: str, vocab: int, steps: int, seed: int = 0):
         x = torch.randint(0, min(vocab, 512), (bs, seq), device="cuda", generator=g).cpu().tolist()
         rows = []
         for row in x:
-            if seq <= 1024:
+            if seq <= 1024 or bs == 1:
                 rows.append((row, list(row)))
                 continue
             labels, pos, start = list(row), [], 0
@@ -152,14 +152,17 @@ def worker(a) -> None:
     model = None
     for shape in a.shapes.split(","):
         bs, seq = (int(v) for v in shape.split("x"))
-        packed = seq > 1024
+        packed = seq > 1024 and bs > 1  # micro-batch 1 rows (the longest-sequence runs) are one document
+        planned = variant.startswith("plan") or variant == "ckpt"
         cfg = TrainConfig(
             model=a.model, batch_size=bs, micro_batch=bs, seq_len=seq, packing=packed, lr=2e-4, lora_r=16,
             lora_alpha=32, lora_dropout=0.0, warmup_steps=0, max_grad_norm=1e9, device="cuda:0",
             dtype="bf16", quantization="nf4", optimizer="paged_adamw_8bit",
-            gradient_checkpointing="off" if variant != "plan" else "auto",
-            fused_loss="auto" if variant == "plan" else "none",
-            compile="auto" if variant == "plan" else "off",
+            gradient_checkpointing="on" if variant == "ckpt" else "auto" if planned else "off",
+            fused_loss="auto" if planned else "none",
+            compile="auto" if planned else "off",
+            fused_mlp="off" if "nomlp" in variant or not planned else "auto",
+            attention="sdpa" if "dense" in variant else "auto",
         )
         src = M.resolve(a.model)
         hf_cfg = M.load_config(src)
@@ -208,6 +211,7 @@ def worker(a) -> None:
             err = repr(e)[:300]
         rec = {"contender": "qdoctor", "variant": variant, "bs": bs, "seq": seq, "packed": packed,
                "plan_fused_loss": plan.fused_loss.value, "plan_compile": plan.compile.value,
+               "plan_attention": model.config._attn_implementation, "plan_fused_mlp": plan.fused_mlp.value,
                "load_s": round(load_s, 1),
                "plan_estimate_gib": round(plan.memory.estimate.total_gib, 2),
                "plan_checkpointing": plan.gradient_checkpointing.value,
@@ -265,6 +269,44 @@ def embedded_run(workdir: Path, env: dict, timeout: float) -> dict:
     return rec
 
 
+def gpu_total_gib() -> float | None:
+    code = "import torch;print(torch.cuda.mem_get_info()[1] / 2**30 if torch.cuda.is_available() else '')"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    try:
+        return float(p.stdout.strip())
+    except ValueError:
+        return None
+
+
+def longest_sequences(records: list[dict], total_gib: float | None) -> dict:
+    """Per model and contender: the longest --maxseq length that trained, and the length where a least-squares
+    line through its measured peaks (peak = a + b x seq; activations and attention grow linearly with flash
+    attention and checkpointing) reaches the GPU's memory. The line is a prediction from measured points,
+    labelled as such: one step at those lengths takes minutes on a 6.7B model."""
+    out: dict = {}
+    for r in records:
+        if r.get("variant") != "maxseq":
+            continue
+        out.setdefault(r["model"], {}).setdefault(r["contender"], []).append(r)
+    res: dict = {}
+    for m, per in out.items():
+        for c, rs in per.items():
+            ok = sorted((r["seq"], r["peak_gib"]) for r in rs if r.get("tok_s") and r.get("peak_gib"))
+            fit = {"trained": [s for s, _ in ok], "longest_trained": ok[-1][0] if ok else None,
+                   "peaks_gib": [p for _, p in ok]}
+            if len(ok) >= 2 and total_gib:
+                n = len(ok)
+                mx = sum(s for s, _ in ok) / n
+                my = sum(p for _, p in ok) / n
+                b = sum((s - mx) * (p - my) for s, p in ok) / sum((s - mx) ** 2 for s, _ in ok)
+                a0 = my - b * mx
+                fit.update({"gib_per_1k_tokens": round(b * 1024, 3), "intercept_gib": round(a0, 2),
+                            "gpu_total_gib": round(total_gib, 1),
+                            "predicted_longest": int((total_gib - a0) / b) if b > 0 else None})
+            res.setdefault(m, {})[c] = fit
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -281,6 +323,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=float, default=400)
     ap.add_argument("--embedded", action="store_true", help="also time `qdoctor train` on the embedded model")
+    ap.add_argument("--maxseq", default=None, metavar="N,N,..",
+                    help="also one step at micro-batch 1 at each sequence length, with each contender's "
+                         "memory-saving mode (checkpointing; Unsloth's offloaded one), and the longest "
+                         "sequence that fits, from a line through the measured peaks")
     a = ap.parse_args()
     if a.worker:
         worker(a)
@@ -311,6 +357,23 @@ def main() -> None:
                 runs.append((c, "gc0", [sys.executable, str(Path(a.peers) / "unsloth_loop.py"), str(mdir),
                                         "--gc", "0", "--shapes", a.shapes, "--steps", str(a.steps),
                                         "--warm", str(a.warm)]))
+        if a.maxseq:
+            lens = a.maxseq.split(",")
+            ms = ",".join(f"1x{n}" for n in lens)
+            for c in a.contenders.split(","):
+                if c == "qdoctor":
+                    runs.append((c, "maxseq", [sys.executable, __file__, "--worker", "--model", str(mdir),
+                                               "--variant", "ckpt", "--shapes", ms, "--steps", "1",
+                                               "--warm", "0"]))
+                elif c == "plain" and a.peers:
+                    for n in lens:
+                        runs.append((c, "maxseq", [sys.executable, str(Path(a.peers) / "plain_loop.py"),
+                                                   str(mdir), "--bs", "1", "--seq", n, "--gc", "1", "--prep",
+                                                   "0", "--steps", "1", "--warm", "0"]))
+                elif c == "unsloth" and a.peers and vers.get("unsloth"):
+                    runs.append((c, "maxseq", [sys.executable, str(Path(a.peers) / "unsloth_loop.py"),
+                                               str(mdir), "--gc", "unsloth", "--shapes", ms, "--steps", "1",
+                                               "--warm", "0"]))
         for c, v, cmd in runs:
             recs, text, dt = _run(cmd, a.timeout, env)
             if not recs:
@@ -318,7 +381,7 @@ def main() -> None:
                 print(text[-3000:], file=sys.stderr)
             for r in recs:
                 r.setdefault("contender", c)
-                r.setdefault("variant", v)
+                r["variant"] = v if v == "maxseq" else r.get("variant", v)
                 r["model"] = name
                 r["command"] = " ".join(Path(x).name if x == sys.executable else
                                         os.path.relpath(x, ROOT) if x == __file__ else x for x in cmd)
@@ -333,7 +396,8 @@ def main() -> None:
         records.append(embedded_run(workdir, env, a.timeout))
         print(json.dumps(records[-1]), file=sys.stderr, flush=True)
     doc = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "versions": vers,
-           "steps": a.steps, "warm": a.warm, "records": records}
+           "steps": a.steps, "warm": a.warm, "records": records,
+           "longest_sequence": longest_sequences(records, gpu_total_gib())}
     out = Path(a.out) if a.out else ROOT / "bench" / "results" / (
         f"{(vers.get('gpu') or 'cpu').replace(' ', '-').lower()}-{doc['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -341,6 +405,9 @@ def main() -> None:
     print(f"\nwrote {out}")
     print(f"{'model':<5} {'contender':<9} {'variant':<14} {'shape':<8} {'tok/s':>8} {'peak GiB':>9} "
           f"{'est GiB':>8} {'MFU':>6} {'loss0':>8}")
+    for m, per in doc["longest_sequence"].items():
+        for c, fit in per.items():
+            print(f"longest sequence, {m}, {c} (micro-batch 1, memory-saving mode): {fit}")
     for r in records:
         shape = f"{r.get('bs', '?')}x{r.get('seq', '?')}"
         print(f"{r['model']:<5} {r['contender']:<9} {r['variant']:<14} {shape:<8} "

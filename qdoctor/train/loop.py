@@ -31,7 +31,7 @@ from pathlib import Path
 
 from qdoctor import strict_json
 from qdoctor.findings import Finding
-from qdoctor.train import checkpoint
+from qdoctor.train import checkpoint, speed
 from qdoctor.train import distributed as dist_
 from qdoctor.train.data import IGNORE, collate, step_indices
 from qdoctor.train.distributed import World
@@ -198,7 +198,9 @@ def forward_loss(run: Run, batch: dict, weight: float):
     host from the examples: counting the device tensor would wait for the GPU). A tensor on the device."""
     import torch
 
-    batch = {k: v.to(run.device) for k, v in batch.items()}
+    if "position_ids" in batch and getattr(run.model.config, "_attn_implementation", None) == speed.VARLEN:
+        batch = {**batch, **speed.varlen_kwargs(batch["position_ids"])}  # document boundaries, from the host
+    batch = {k: v.to(run.device) if hasattr(v, "to") else v for k, v in batch.items()}
     with torch.autocast(
         run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.dtype.value != "fp32"
     ):

@@ -383,7 +383,7 @@ def load_for_training(src: ModelSource, plan, seed: int, device: str | None = No
             quantization_config=qcfg,
             **dtype_kwarg(dtype),
             device_map=device_map,
-            attn_implementation=plan.attention.value,
+            attn_implementation=_attn_implementation(plan),
             output_loading_info=True,
             trust_remote_code=src.trust_remote_code,
         )
@@ -432,10 +432,38 @@ def load_for_training(src: ModelSource, plan, seed: int, device: str | None = No
     return model, path
 
 
-def apply_speed(model, plan) -> None:
-    """The speed means the plan chose (qdoctor.train.speed); each was checked available when planned."""
+def _attn_implementation(plan) -> str:
     from qdoctor.train import speed
 
+    if plan.attention.value == "varlen":
+        speed.register_varlen()
+        return speed.VARLEN
+    return plan.attention.value
+
+
+def apply_speed(model, plan, notify=None) -> None:
+    """The speed means the plan chose (qdoctor.train.speed); each was checked available when planned.
+    Variable-length attention is also self-checked on the device here: if it disagrees with SDPA the model
+    goes back to SDPA (packed rows then get transformers' dense document mask) and `notify` says why."""
+    from qdoctor.train import speed
+
+    if plan.attention.value == "varlen":
+        import torch
+
+        dev = next(p.device for p in model.parameters())
+        dtype = getattr(torch, TORCH_DTYPES[plan.dtype.value])
+        why = speed.varlen_self_check(str(dev), dtype)
+        if why:
+            model.set_attn_implementation("sdpa")
+            (notify or (lambda m: warnings.warn(m, stacklevel=2)))(f"{why}: SDPA with a dense document "
+                                                                   "mask instead")
+    if plan.fused_mlp is not None and plan.fused_mlp.value:
+        from qdoctor.train import lora_mlp
+
+        n, why = lora_mlp.apply(model)
+        if why:
+            (notify or (lambda m: warnings.warn(m, stacklevel=2)))(
+                f"fused MLP: {n} decoder MLPs fused; the others keep peft's path ({why})")
     if plan.fused_loss.value == "liger":
         speed.apply_liger(model, model.config.model_type, parts=("fused_linear_cross_entropy",))
     if plan.compile.value:

@@ -96,6 +96,7 @@ class Plan:
     fused_loss: Choice[str]  # liger | none
     compile: Choice[bool]
     parallel: Choice[Parallel] = None  # type: ignore[assignment]  (make_plan always sets it)
+    fused_mlp: Choice[bool] = None  # type: ignore[assignment]  (make_plan always sets it)
     memory: MemoryFit | None = None
     findings: list[Finding] = field(default_factory=list)
 
@@ -391,6 +392,31 @@ def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice
     return Choice("none", f"standard loss: {missing}")
 
 
+def choose_fused_mlp(cfg, quant: str) -> Choice[bool]:
+    """The LoRA MLP as one autograd function (qdoctor.train.lora_mlp): the same arithmetic as peft's, with two
+    intermediate-sized tensors per token and layer fewer kept for backward. Only where it is exactly peft's
+    computation; each decoder MLP is checked again when the model loads."""
+    if cfg.fused_mlp == "off":
+        return Choice(False, "set by you")
+    why = None
+    if quant != "nf4":
+        why = "the base is not 4-bit"
+    elif cfg.lora_dropout > 0:
+        why = (f"LoRA dropout {cfg.lora_dropout:g} > 0 (the fused MLP has none; --lora-dropout 0 enables it)")
+    elif cfg.target_modules != "all-linear" and not {"gate_proj", "up_proj", "down_proj"} <= set(
+            cfg.target_modules):
+        why = "LoRA is not on gate_proj, up_proj and down_proj"
+    mine = "" if cfg.fused_mlp == "auto" else "; set by you"
+    if why:
+        return Choice(False, ("fused MLP asked for, but " if mine else "peft's MLP path: ") + why)
+    return Choice(True, "each LoRA MLP as one autograd function keeping x, gate and up for backward "
+                  f"(silu and its product recomputed): {_mlp_measured()}{mine}")
+
+
+def _mlp_measured() -> str:
+    return "same loss and gradients as peft's path (tests/test_train_lora_mlp.py)"
+
+
 def choose_compile(cfg, facts, device: str, dtype: str, checkpointing: bool, quant: str, shape,
                    embedded: bool, world: int = 1) -> Choice[bool]:
     if cfg.compile != "auto":
@@ -441,7 +467,7 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float,
-              fused: bool = False, world: int = 1, shards: int = 1):
+              fused: bool = False, world: int = 1, shards: int = 1, dense_mask: bool | None = None):
     """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails.
     `batch` is what one process takes of each step (the effective batch / world)."""
     ck_opts = {"auto": (False, True), "on": (True,), "off": (False,)}[cfg.gradient_checkpointing]
@@ -461,7 +487,8 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 optimizer=optimizer,
                 lora_r=cfg.lora_r,
                 fused_loss=fused,
-                packed=cfg.packing,
+                packed=cfg.packing if dense_mask is None else dense_mask,
+                fused_mlp=choose_fused_mlp(cfg, quant).value,
                 shards=shards,
             )
             if est.total_gib <= budget:
@@ -499,7 +526,7 @@ class Fit:
 
 
 def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int, tokens: int,
-               fused: bool, world: int = 1, shards: int = 1) -> Fit:
+               fused: bool, world: int = 1, shards: int = 1, dense_mask: bool | None = None) -> Fit:
     """The first optimizer (best first) with a micro-batch that fits the budget; the largest such micro-batch,
     without checkpointing where that fits. When nothing fits: the best optimizer at micro-batch 1 (or the
     one set), with `fits` False. `batch` is one process's share of a step; `shards` > 1 is FSDP."""
@@ -507,13 +534,14 @@ def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str
     chain = optimizer_chain(cfg, facts, probes, device, fsdp=shards > 1)
     for opt in chain:
         fit = fit_batch(shape, cfg, batch=batch, tokens=tokens, quant=quant, dtype=dtype, optimizer=opt.value,
-                        budget=budget, fused=fused, world=world, shards=shards)
+                        budget=budget, fused=fused, world=world, shards=shards, dense_mask=dense_mask)
         if fit is not None:
             return Fit(opt, *fit, budget, why, True)
     mb, ck = batch_split(cfg, world)[1] or 1, cfg.gradient_checkpointing != "off"
     est = memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=ck, quantization=quant,
                           dtype=dtype, optimizer=chain[0].value, lora_r=cfg.lora_r, fused_loss=fused,
-                          packed=cfg.packing, shards=shards)
+                          packed=cfg.packing if dense_mask is None else dense_mask, shards=shards,
+                          fused_mlp=choose_fused_mlp(cfg, quant).value)
     return Fit(chain[0], mb, ck, est, budget, why, False)
 
 
@@ -526,7 +554,8 @@ def _accelerate_fsdp(environ) -> bool:
 
 
 def choose_parallel(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int,
-                    tokens: int, fused: bool, world: int, environ=None) -> tuple[Choice[Parallel], Fit]:
+                    tokens: int, fused: bool, world: int, environ=None, dense_mask: bool | None = None
+                    ) -> tuple[Choice[Parallel], Fit]:
     """One process; or several, each holding the whole 4-bit model (DDP: the fastest, when it fits), or a
     shard of it (FSDP-QLoRA: when one GPU cannot hold the model and a micro-batch, or when asked). Returns
     the choice and the memory fit it was decided on."""
@@ -537,7 +566,7 @@ def choose_parallel(cfg, facts, probes, shape, *, device: str, dtype: str, quant
 
     def fit(shards):
         return fit_memory(cfg, facts, probes, shape, device=device, dtype=dtype, quant=quant, batch=per,
-                          tokens=tokens, fused=fused, world=world, shards=shards)
+                          tokens=tokens, fused=fused, world=world, shards=shards, dense_mask=dense_mask)
 
     ddp = fit(1)
     if world == 1:
@@ -617,11 +646,33 @@ def choose_checkpointing(cfg: TrainConfig, fit: Fit) -> Choice[bool]:
     return Choice(False, "activations fit without it: 36-41% faster on the H200 (docs/memory-calibration.md)")
 
 
-def choose_attention(cfg: TrainConfig) -> Choice[str]:
-    if cfg.attention != "auto":
+def choose_attention(cfg: TrainConfig, facts: dict, device: str, dtype: str) -> Choice[str]:
+    """Packed rows need attention kept inside each document: variable-length flash attention ("varlen")
+    where torch, the GPU and the dtype allow it, else SDPA with a dense document mask (slower, and its memory
+    counted in the estimate)."""
+    from qdoctor.train import speed
+
+    if cfg.attention in ("sdpa", "eager"):
         return Choice(cfg.attention, "set by you")
-    return Choice("sdpa", "torch scaled_dot_product_attention (fused kernels, exact); eager only as a "
-                  "fallback")
+    if not cfg.packing and cfg.attention == "auto":
+        return Choice("sdpa", "torch scaled_dot_product_attention (fused kernels, exact); eager only as a "
+                      "fallback")
+    tv = (facts.get("torch") or {}).get("version") or (facts.get("packages") or {}).get("torch")
+    cc = _cc(_gpu(facts, device)) if device.startswith("cuda") else None
+    missing = speed.varlen_missing(device, dtype, tv, cc)
+    mine = "" if cfg.attention == "auto" else "; set by you"
+    if missing is None:
+        return Choice("varlen", "variable-length flash attention (torch.nn.attention.varlen): each packed "
+                      "document attends only to itself, with no dense mask; self-checked against SDPA when "
+                      f"the model loads (H200, 1.1B: {_varlen_measured()}){mine}")
+    if cfg.attention == "varlen":
+        return Choice("sdpa", f"varlen asked for, but {missing}: SDPA instead"
+                      + (" with a dense document mask" if cfg.packing else ""))
+    return Choice("sdpa", f"packed rows: SDPA with a dense document mask ({missing})")
+
+
+def _varlen_measured() -> str:
+    return "packed 2x4096 at the speed of 8x1024 rows, bench/NOTES.md"
 
 
 def choose_lr(cfg: TrainConfig, embedded: bool, shape: memory.Shape) -> Choice[float]:
@@ -711,9 +762,12 @@ def make_plan(
     seq_len = choose_seq_len(cfg, max_positions)
     tokens = seq_len.value if cfg.packing else min(seq_len.value, max_len or seq_len.value)
     fused = choose_fused_loss(cfg, facts, device.value, model_type)
+    attention = choose_attention(cfg, facts, device.value, dtype.value)
+    mlp = choose_fused_mlp(cfg, quant.value)
     parallel, fit = choose_parallel(cfg, facts, probes, shape, device=device.value, dtype=dtype.value,
                                     quant=quant.value, batch=batch.value, tokens=tokens,
-                                    fused=fused.value == "liger", world=world, environ=environ)
+                                    fused=fused.value == "liger", world=world, environ=environ,
+                                    dense_mask=cfg.packing and attention.value != "varlen")
     per_rank = parallel.value.per_rank_batch
     micro = choose_micro_batch(cfg, fit, per_rank, world)
     ckpt = choose_checkpointing(cfg, fit)
@@ -727,7 +781,7 @@ def make_plan(
         quantization=quant,
         optimizer=fit.optimizer,
         gradient_checkpointing=ckpt,
-        attention=choose_attention(cfg),
+        attention=attention,
         seq_len=seq_len,
         batch_size=batch,
         micro_batch=micro,
@@ -746,6 +800,7 @@ def make_plan(
             cfg, facts, device.value, dtype.value, ckpt.value, quant.value, shape, embedded, world
         ),
         parallel=parallel,
+        fused_mlp=mlp,
         memory=MemoryFit(device.value, fit.budget_gib, fit.budget, fit.estimate, tokens,
                          shape.total_params() / 1e9),
         findings=[f for f in (memory_finding(fit, device.value),) if f],

@@ -68,3 +68,144 @@ def compile_layers(model) -> int:
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
+
+
+# --- variable-length attention for packed rows -------------------------------------------------------------
+# Packed rows hold several documents; each must attend only within itself. With SDPA that takes a dense
+# micro_batch x heads x seq x seq mask, which leaves the flash kernel (H200, 1.1B, 2x4096: 25% slower than
+# 8x1024 and +2.0-2.6 GiB, bench/NOTES.md). torch.nn.attention.varlen (torch 2.10+) runs flash attention on
+# the documents laid end to end, delimited by cumulative lengths: no mask at all.
+# https://docs.pytorch.org/docs/stable/nn.attention.varlen.html
+VARLEN = "qdoctor_varlen"  # the name registered with transformers' AttentionInterface
+VARLEN_MIN_TORCH = (2, 10)
+
+
+def varlen_missing(device: str, dtype: str, torch_version: str | None, cc) -> str | None:
+    """Why variable-length attention can't be used here, or None when it can (it is then self-checked on
+    the device when the model loads). `cc`: the GPU's compute capability tuple, or None if unknown."""
+    from packaging.version import InvalidVersion, Version
+
+    if not device.startswith("cuda"):
+        return "CPU: variable-length flash attention needs a CUDA GPU"
+    try:
+        ok = torch_version is not None and Version(torch_version).release[:2] >= VARLEN_MIN_TORCH
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        return f"torch {torch_version or '(unknown)'} has no torch.nn.attention.varlen (2.10+)"
+    if cc is None or tuple(cc) < (8, 0):
+        return "flash attention needs compute capability 8.0 or newer"
+    if dtype not in ("bf16", "fp16"):
+        return f"flash attention needs bf16 or fp16 compute, not {dtype}"
+    return None
+
+
+def cu_seqlens(position_ids):
+    """Cumulative document boundaries of packed rows, from their restarting position ids (a document starts
+    where its position is 0; each row starts one). Computed on the host from the collated batch, so no
+    device sync. Padded with the total length (empty trailing documents) to a power of two, so compiled
+    layers see a handful of shapes instead of one per document count."""
+    import torch
+
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten().to(torch.int32)
+    total = flat.numel()
+    n = starts.numel() + 1
+    size = 1 << (n - 1).bit_length()
+    cu = torch.full((size,), total, dtype=torch.int32)
+    cu[: n - 1] = starts
+    return cu
+
+
+def varlen_kwargs(position_ids) -> dict:
+    """Keyword arguments that carry packed rows' boundaries through the model to varlen_attention
+    (transformers passes unknown model kwargs down to the attention function). The maximum length is
+    the row length, an upper bound that stays constant, so compiled layers never recompile for it."""
+    cu = cu_seqlens(position_ids)
+    return {"cu_seq_lens_q": cu, "max_length_q": int(position_ids.shape[-1])}
+
+
+def _varlen_fn():
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, params
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers attention function (query/key/value: batch x heads x seq x head_dim). Without the
+    packed boundaries (an unpacked batch) it is plain causal SDPA: rows are right-padded, so a causal mask
+    already keeps real tokens off the padding."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    fn, params = _varlen_fn()
+    b, h, s, d = query.shape
+    hk = key.shape[1]
+    q = query.transpose(1, 2).reshape(b * s, h, d)
+    k = key.transpose(1, 2).reshape(b * s, hk, d)
+    v = value.transpose(1, 2).reshape(b * s, hk, d)
+    kw = {"scale": scaling}
+    if "is_causal" in params:
+        kw["is_causal"] = True
+    else:
+        kw["window_size"] = (-1, 0)  # causal: no key after the query
+    if hk != h:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(h // hk, dim=1)
+            v = v.repeat_interleave(h // hk, dim=1)
+    cu = cu_seq_lens_q.to(query.device, non_blocking=True)
+    m = int(max_length_q or s)
+    out = fn(q, k, v, cu, cu, m, m, **kw)
+    return out.view(b, s, h, d), None
+
+
+def register_varlen() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+
+
+def varlen_self_check(device: str, dtype) -> str | None:
+    """Run varlen_attention on two short documents and compare output and gradients with SDPA on each
+    document alone. None when they agree; else what went wrong (the caller falls back to SDPA)."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        lens = [5, 11]
+        s = sum(lens)
+        q = torch.randn(1, 4, s, 64, generator=g).to(device, dtype).requires_grad_()
+        k = torch.randn(1, 2, s, 64, generator=g).to(device, dtype).requires_grad_()
+        v = torch.randn(1, 2, s, 64, generator=g).to(device, dtype).requires_grad_()
+        pos = torch.cat([torch.arange(n) for n in lens]).unsqueeze(0)
+        out, _ = varlen_attention(None, q, k, v, None, scaling=64**-0.5, **varlen_kwargs(pos))
+        w = torch.randn(out.shape, generator=g).to(device, dtype)
+        (out * w).sum().backward()
+        got = [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+        q.grad = k.grad = v.grad = None
+        parts, o = [], 0
+        for n in lens:
+            sl = slice(o, o + n)
+            kk = k[:, :, sl].repeat_interleave(2, dim=1)
+            vv = v[:, :, sl].repeat_interleave(2, dim=1)
+            parts.append(F.scaled_dot_product_attention(q[:, :, sl], kk, vv, is_causal=True).transpose(1, 2))
+            o += n
+        ref = torch.cat(parts, dim=1)
+        (ref * w).sum().backward()
+        want = [ref.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+        for name, a, b in zip(("output", "dq", "dk", "dv"), got, want, strict=True):
+            err = (a - b).abs().max().item()
+            if not err <= 2e-2 * max(1.0, b.abs().max().item()):
+                return f"variable-length attention's {name} differs from SDPA by {err:.3g}"
+    except Exception as e:  # a missing kernel, an unsupported head size or dtype: fall back
+        return f"variable-length attention failed its self-check: {type(e).__name__}: {str(e)[:160]}"
+    return None
