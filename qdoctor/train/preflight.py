@@ -7,7 +7,6 @@ Error findings stop the run unless --force.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from qdoctor.findings import Finding
@@ -114,13 +113,8 @@ def run(
     t0 = time.perf_counter()
     progress("checking the machine (as `qdoctor check --deep`)")
     # --skip-probes: no child at all. `train` has imported torch already, so what the deep child would
-    # report about torch is read here instead of importing it again in a child (seconds on a fresh cache)
-    here = skip_probes and "torch" in sys.modules
-    facts = collect(deep=not here)
-    if here and not facts["runtime"].get("cached"):
-        from qdoctor.facts import runtime
-
-        runtime.merge(facts, runtime.in_this_process(sys.modules["torch"]))
+    # report about torch is read in this process instead of importing it again (seconds on a fresh cache)
+    facts = collect(deep=True, in_process=skip_probes)
     # the user's --device checked as `smoke --device` is, or the default: the first *visible* GPU
     # torch can use, else the CPU (never a GPU that CUDA_VISIBLE_DEVICES hides)
     try:
