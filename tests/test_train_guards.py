@@ -600,3 +600,21 @@ def test_timings_split_the_wall_time_without_exceeding_it(toy):
     assert Timings().to_dict(1.0)["median_step_s"] is None and describe({}) == ""
     short = Timings(startup_s=3.0, load_s=2.0).to_dict(wall_s=4.0)
     assert short["other_s"] == 0  # never negative, even when rounding pushes the parts past the wall
+
+
+def test_a_step_counts_only_its_own_wait_for_the_device(toy, monkeypatch):
+    """Host time = step time - the step's read-back wait; an evaluation's read-back is not the step's."""
+    real = loop.read_back
+
+    def slow(run, values):
+        out = real(run, values)
+        run.wait_s += 1000.0  # as if each read waited 1000 s
+        return out
+
+    monkeypatch.setattr(loop, "read_back", slow)
+    toy.eval = toy.train[:2]
+    toy.plan.set(eval_every=2)
+    seen = []
+    monkeypatch.setattr(toy.timings, "add_step", lambda step_s, wait_s: seen.append(wait_s))
+    loop.fit(toy, lambda run, rec: None)
+    assert [round(w) for w in seen] == [1000] * 4  # steps 2 and 4 evaluated: still one wait each

@@ -412,6 +412,7 @@ def fit(run: Run, progress) -> None:
                         run.step + 1, loss, run.plan.dtype.value, run.scheduler.get_last_lr()[0], last_finite
                     )
                 )
+            waited = run.wait_s  # the step's own wait (an evaluation below reads the device too)
             last_finite = loss
             run.step += 1
             skipped = not math.isfinite(gnorm)
@@ -450,7 +451,7 @@ def fit(run: Run, progress) -> None:
             if run.stop_after is not None and run.step >= run.stop_after and not run.stop_requested:
                 run.stop_requested = "SIGINT"
             off = run.timings.eval_s + run.timings.checkpoint_s - off0
-            run.timings.add_step(time.perf_counter() - t0 - off, run.wait_s)
+            run.timings.add_step(time.perf_counter() - t0 - off, waited)
         save_checkpoint(run)
     finally:
         if run.world.main:
