@@ -572,10 +572,12 @@ def test_metrics_reach_disk_before_each_checkpoint_and_when_the_loop_ends(toy, m
         return [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
 
     monkeypatch.setattr(checkpoint, "save", lambda out, model, *a: on_disk.append((a[-1]["step"], lines())))
-    seen = []
+    seen, flushed = [], []
+    toy.report = SimpleNamespace(write=lambda rec: None, flush=lambda: flushed.append(toy.step))  # a tracker
     loop.fit(toy, lambda run, rec: seen.append(lines()))
     assert seen[0] == [] and seen[2] == [1, 2]  # buffered between checkpoints
     assert on_disk == [(2, [1, 2]), (4, [1, 2, 3, 4]), (5, [1, 2, 3, 4, 5])]
+    assert flushed == [2, 4, 5, 5]  # the tracker too: with each checkpoint and at the end, not every step
     toy.plan.set(max_steps=7)
     toy.poison = {6, 7}
     monkeypatch.setattr(loop, "MAX_SKIPS_IN_ROW", 2)

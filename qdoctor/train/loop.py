@@ -368,8 +368,10 @@ def _metric(run: Run, rec: dict) -> None:
 
 
 def flush_metrics(run: Run) -> None:
-    """Append the pending metric lines to metrics.jsonl."""
+    """Append the pending metric lines to metrics.jsonl (and flush the --report-to writer)."""
     run.flushed_at = time.perf_counter()
+    if run.report is not None:
+        run.report.flush()
     if not run.pending:
         return
     with open(run.output / "metrics.jsonl", "a", encoding="utf-8") as fh:
