@@ -132,6 +132,46 @@ def _batches(shape: str, vocab: int, steps: int, seed: int = 0):
     return out
 
 
+def peak_breakdown(snap: dict, top: int = 25) -> dict:
+    """What is allocated at the peak of a recorded step (torch.cuda.memory._snapshot()), grouped by the
+    innermost frame outside torch itself: replays the allocation trace to its maximum, then again to there."""
+    trace = (snap.get("device_traces") or [[]])[0]
+
+    def replay(stop=None):
+        live, total, best, best_i = {}, 0, 0, -1
+        for i, ev in enumerate(trace):
+            if stop is not None and i > stop:
+                break
+            act, addr = ev.get("action"), ev.get("addr")
+            if act == "alloc":
+                live[addr] = ev
+                total += ev.get("size", 0)
+                if total > best:
+                    best, best_i = total, i
+            elif act == "free_completed" and addr in live:
+                total -= live.pop(addr).get("size", 0)
+        return live, best, best_i
+
+    _, best, best_i = replay()
+    at_peak, _, _ = replay(best_i)
+
+    def where(frames) -> str:
+        for f in frames:
+            fn = f.get("filename", "")
+            if fn.endswith(".py") and "/torch/" not in fn:
+                return f"{fn.rsplit('/', 2)[-2]}/{fn.rsplit('/', 1)[-1]}:{f.get('line')} {f.get('name')}"
+        return "torch internals"
+
+    groups: dict = {}
+    for ev in at_peak.values():
+        k = where(ev.get("frames") or [])
+        n, size = groups.get(k, (0, 0))
+        groups[k] = (n + 1, size + ev.get("size", 0))
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"peak_traced_gib": round(best / 2**30, 3),
+            "groups": [{"where": k, "tensors": n, "gib": round(v / 2**30, 3)} for k, (n, v) in rows]}
+
+
 def worker(a) -> None:
     """qdoctor's training path on the peers' tokens; prints one JSON line per shape."""
     import gc
@@ -161,7 +201,6 @@ def worker(a) -> None:
             gradient_checkpointing="on" if variant == "ckpt" else "auto" if planned else "off",
             fused_loss="auto" if planned else "none",
             compile="auto" if planned else "off",
-            fused_mlp="off" if "nomlp" in variant or not planned else "auto",
             attention="sdpa" if "dense" in variant else "auto",
         )
         src = M.resolve(a.model)
@@ -181,6 +220,12 @@ def worker(a) -> None:
                 speed.compile_layers(model)
             load_s = time.perf_counter() - t0
             init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        else:  # one load per process: each later shape gets the attention its own plan chose
+            want = M._attn_implementation(plan)
+            if model.config._attn_implementation != want:
+                model.set_attn_implementation(want)
+                if want == speed.VARLEN and speed.varlen_self_check("cuda:0", torch.bfloat16):
+                    model.set_attn_implementation("sdpa")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:
@@ -204,6 +249,13 @@ def worker(a) -> None:
                 losses.append(loss)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t0
+            if a.snapshot and err is None:  # one more step, recorded allocation by allocation
+                torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
+                loop.train_step(run, batches[-1], bs, 1)
+                torch.cuda.synchronize()
+                snap = torch.cuda.memory._snapshot()
+                torch.cuda.memory._record_memory_history(enabled=None)
+                print(json.dumps({"breakdown": peak_breakdown(snap), "shape": shape}), flush=True)
         except Exception as e:  # report it and go on with the next shape
             import traceback
 
@@ -211,7 +263,7 @@ def worker(a) -> None:
             err = repr(e)[:300]
         rec = {"contender": "qdoctor", "variant": variant, "bs": bs, "seq": seq, "packed": packed,
                "plan_fused_loss": plan.fused_loss.value, "plan_compile": plan.compile.value,
-               "plan_attention": model.config._attn_implementation, "plan_fused_mlp": plan.fused_mlp.value,
+               "plan_attention": model.config._attn_implementation,
                "load_s": round(load_s, 1),
                "plan_estimate_gib": round(plan.memory.estimate.total_gib, 2),
                "plan_checkpointing": plan.gradient_checkpointing.value,
@@ -312,6 +364,8 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="lean", help=argparse.SUPPRESS)
+    ap.add_argument("--snapshot", action="store_true",
+                    help="qdoctor's contender: also break down what is allocated at the peak of one step")
     ap.add_argument("--models", default="1b")
     ap.add_argument("--shapes", default="8x1024,2x4096")
     ap.add_argument("--contenders", default="plain,unsloth,qdoctor")
@@ -336,7 +390,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     vers = versions()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    records = []
+    records, breakdowns = [], []
     for name in a.models.split(","):
         mdir = make_model(name, workdir)
         mcfg = json.loads((mdir / "config.json").read_text())
@@ -346,7 +400,7 @@ def main() -> None:
                 for v in a.variants.split(","):
                     runs.append((c, v, [sys.executable, __file__, "--worker", "--model", str(mdir),
                                         "--variant", v, "--shapes", a.shapes, "--steps", str(a.steps),
-                                        "--warm", str(a.warm)]))
+                                        "--warm", str(a.warm)] + (["--snapshot"] if a.snapshot else [])))
             elif c == "plain" and a.peers:
                 for shape in a.shapes.split(","):
                     bs, seq = shape.split("x")
@@ -379,6 +433,8 @@ def main() -> None:
             if not recs:
                 recs = [{"error": text[-600:]}]
                 print(text[-3000:], file=sys.stderr)
+            breakdowns += [dict(r, model=name, variant=v) for r in recs if "breakdown" in r]
+            recs = [r for r in recs if "breakdown" not in r]
             for r in recs:
                 r.setdefault("contender", c)
                 r["variant"] = v if v == "maxseq" else r.get("variant", v)
@@ -397,7 +453,7 @@ def main() -> None:
         print(json.dumps(records[-1]), file=sys.stderr, flush=True)
     doc = {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "versions": vers,
            "steps": a.steps, "warm": a.warm, "records": records,
-           "longest_sequence": longest_sequences(records, gpu_total_gib())}
+           "longest_sequence": longest_sequences(records, gpu_total_gib()), "peak_breakdowns": breakdowns}
     out = Path(a.out) if a.out else ROOT / "bench" / "results" / (
         f"{(vers.get('gpu') or 'cpu').replace(' ', '-').lower()}-{doc['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -150,9 +150,6 @@ Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input
       help="Fused linear + cross-entropy: the logits are never materialised.")
 @_opt("--compile", metavar=_choice("compile"), default_text="auto: on GPUs where it was measured faster",
       help="torch.compile each decoder layer.")
-@_opt("--fused-mlp", metavar=_choice("fused_mlp"),
-      default_text="auto: where LoRA dropout is 0 on a 4-bit base",
-      help="Run each LoRA MLP as one function that keeps only x, gate and up for backward.")
 @_opt("--nproc", type=int, default_text="1; under torchrun or accelerate launch, their WORLD_SIZE",
       help="Processes, one per GPU (or all on the CPU), started through torchrun: data parallel QLoRA.")
 @click.option("--fsdp/--no-fsdp", default=None,

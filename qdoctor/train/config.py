@@ -52,7 +52,6 @@ class TrainConfig:
     attention: str = "auto"  # auto | sdpa | eager | varlen
     fused_loss: str = "auto"  # auto | liger | none: fused linear + cross-entropy (never materialises logits)
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
-    fused_mlp: str = "auto"  # auto | on | off: the LoRA MLP as one autograd function (qdoctor.train.lora_mlp)
     log_every: int | None = None  # progress line every N steps off a terminal; None = about ten a run
     report_to: str = "none"  # none | tensorboard: metrics also as TensorBoard event files (report_to.py)
     nproc: int | None = None  # processes (one per GPU) launched through torchrun; None = 1, or the launcher's
@@ -73,7 +72,6 @@ CHOICES = {
     "attention": ("auto", "sdpa", "eager", "varlen"),
     "fused_loss": ("auto", "liger", "none"),
     "compile": ("auto", "on", "off"),
-    "fused_mlp": ("auto", "on", "off"),
     "report_to": ("none", "tensorboard"),
 }
 POSITIVE = (

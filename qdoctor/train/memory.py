@@ -127,7 +127,6 @@ def estimate(
     fused_loss: bool = False,
     packed: bool = False,
     shards: int = 1,
-    fused_mlp: bool = False,
 ) -> Estimate:
     """path: "upcast" | "eager" | "fused" (None: path_of(quantization, dtype, fused_loss)).
     shards: FSDP over that many GPUs: each keeps 1/shards of the weights, the LoRA tensors and their optimizer
@@ -136,9 +135,7 @@ def estimate(
     measurement (no multi-GPU peak has been calibrated).
     packed: rows hold several documents, so attention gets a dense document mask, which SDPA expands to
     micro_batch x heads x seq x seq in the compute dtype (2.0 GiB at 2x4096 with 32 heads; measured on
-    the H200: +2.6 GiB on 1.1B, +2.0 GiB on 6.7B over the same tokens unpacked).
-    fused_mlp: qdoctor.train.lora_mlp keeps two intermediate-sized tensors per token and layer fewer
-    (silu(gate) and its product with up), counted from their size."""
+    the H200: +2.6 GiB on 1.1B, +2.0 GiB on 6.7B over the same tokens unpacked)."""
     path = path or path_of(quantization, dtype, fused_loss)
     lin = shape.layers * shape.linear_params_per_layer()
     if quantization in BITS_PER_PARAM:
@@ -156,8 +153,6 @@ def estimate(
     n_lora = shape.lora_params(lora_r) / shards
     tokens = micro_batch * seq_len
     per_layer = ACT_BYTES[path] * (shape.hidden + shape.intermediate) * tokens
-    if fused_mlp:
-        per_layer -= 2 * DTYPE_BYTES.get(dtype, 2) * shape.intermediate * tokens
     if checkpointing:
         act = shape.layers * 4 * shape.hidden * tokens + per_layer
     else:

@@ -457,13 +457,6 @@ def apply_speed(model, plan, notify=None) -> None:
             model.set_attn_implementation("sdpa")
             (notify or (lambda m: warnings.warn(m, stacklevel=2)))(f"{why}: SDPA with a dense document "
                                                                    "mask instead")
-    if plan.fused_mlp is not None and plan.fused_mlp.value:
-        from qdoctor.train import lora_mlp
-
-        n, why = lora_mlp.apply(model)
-        if why:
-            (notify or (lambda m: warnings.warn(m, stacklevel=2)))(
-                f"fused MLP: {n} decoder MLPs fused; the others keep peft's path ({why})")
     if plan.fused_loss.value == "liger":
         speed.apply_liger(model, model.config.model_type, parts=("fused_linear_cross_entropy",))
     if plan.compile.value:

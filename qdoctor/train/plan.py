@@ -96,7 +96,6 @@ class Plan:
     fused_loss: Choice[str]  # liger | none
     compile: Choice[bool]
     parallel: Choice[Parallel] = None  # type: ignore[assignment]  (make_plan always sets it)
-    fused_mlp: Choice[bool] = None  # type: ignore[assignment]  (make_plan always sets it)
     memory: MemoryFit | None = None
     findings: list[Finding] = field(default_factory=list)
 
@@ -392,31 +391,6 @@ def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice
     return Choice("none", f"standard loss: {missing}")
 
 
-def choose_fused_mlp(cfg, quant: str) -> Choice[bool]:
-    """The LoRA MLP as one autograd function (qdoctor.train.lora_mlp): the same arithmetic as peft's, with two
-    intermediate-sized tensors per token and layer fewer kept for backward. Only where it is exactly peft's
-    computation; each decoder MLP is checked again when the model loads."""
-    if cfg.fused_mlp == "off":
-        return Choice(False, "set by you")
-    why = None
-    if quant != "nf4":
-        why = "the base is not 4-bit"
-    elif cfg.lora_dropout > 0:
-        why = (f"LoRA dropout {cfg.lora_dropout:g} > 0 (the fused MLP has none; --lora-dropout 0 enables it)")
-    elif cfg.target_modules != "all-linear" and not {"gate_proj", "up_proj", "down_proj"} <= set(
-            cfg.target_modules):
-        why = "LoRA is not on gate_proj, up_proj and down_proj"
-    mine = "" if cfg.fused_mlp == "auto" else "; set by you"
-    if why:
-        return Choice(False, ("fused MLP asked for, but " if mine else "peft's MLP path: ") + why)
-    return Choice(True, "each LoRA MLP as one autograd function keeping x, gate and up for backward "
-                  f"(silu and its product recomputed): {_mlp_measured()}{mine}")
-
-
-def _mlp_measured() -> str:
-    return "same loss and gradients as peft's path (tests/test_train_lora_mlp.py)"
-
-
 def choose_compile(cfg, facts, device: str, dtype: str, checkpointing: bool, quant: str, shape,
                    embedded: bool, world: int = 1) -> Choice[bool]:
     if cfg.compile != "auto":
@@ -488,7 +462,6 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 lora_r=cfg.lora_r,
                 fused_loss=fused,
                 packed=cfg.packing if dense_mask is None else dense_mask,
-                fused_mlp=choose_fused_mlp(cfg, quant).value,
                 shards=shards,
             )
             if est.total_gib <= budget:
@@ -540,8 +513,7 @@ def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str
     mb, ck = batch_split(cfg, world)[1] or 1, cfg.gradient_checkpointing != "off"
     est = memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=ck, quantization=quant,
                           dtype=dtype, optimizer=chain[0].value, lora_r=cfg.lora_r, fused_loss=fused,
-                          packed=cfg.packing if dense_mask is None else dense_mask, shards=shards,
-                          fused_mlp=choose_fused_mlp(cfg, quant).value)
+                          packed=cfg.packing if dense_mask is None else dense_mask, shards=shards)
     return Fit(chain[0], mb, ck, est, budget, why, False)
 
 
@@ -763,7 +735,6 @@ def make_plan(
     tokens = seq_len.value if cfg.packing else min(seq_len.value, max_len or seq_len.value)
     fused = choose_fused_loss(cfg, facts, device.value, model_type)
     attention = choose_attention(cfg, facts, device.value, dtype.value)
-    mlp = choose_fused_mlp(cfg, quant.value)
     parallel, fit = choose_parallel(cfg, facts, probes, shape, device=device.value, dtype=dtype.value,
                                     quant=quant.value, batch=batch.value, tokens=tokens,
                                     fused=fused.value == "liger", world=world, environ=environ,
@@ -800,7 +771,6 @@ def make_plan(
             cfg, facts, device.value, dtype.value, ckpt.value, quant.value, shape, embedded, world
         ),
         parallel=parallel,
-        fused_mlp=mlp,
         memory=MemoryFit(device.value, fit.budget_gib, fit.budget, fit.estimate, tokens,
                          shape.total_params() / 1e9),
         findings=[f for f in (memory_finding(fit, device.value),) if f],
