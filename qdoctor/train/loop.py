@@ -216,7 +216,9 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
     """(loss, gradient norm) of one step; `examples` are this process's share of it. A non-finite norm means
     the update was skipped: nothing was applied. With several processes the gradients are all-reduced once,
     after the last micro-batch; DDP averages them over the ranks, hence the loss x world size, which makes the
-    average the sum: the gradient of (the step's summed token losses / its label tokens on all ranks)."""
+    average the sum: the gradient of (the step's summed token losses / its label tokens on all ranks).
+    The host waits for the device once, in read_back (with fp16 loss scaling the scaler's step reads its
+    found-inf flag too: a second wait, torch's)."""
     import torch
 
     if micro * accum != len(examples):  # config validation guarantees it: never train a partial step
