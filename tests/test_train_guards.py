@@ -620,3 +620,59 @@ def test_a_step_counts_only_its_own_wait_for_the_device(toy, monkeypatch):
     monkeypatch.setattr(toy.timings, "add_step", lambda step_s, wait_s: seen.append(wait_s))
     loop.fit(toy, lambda run, rec: None)
     assert [round(w) for w in seen] == [1000] * 4  # steps 2 and 4 evaluated: still one wait each
+
+
+class _HostTensor:
+    """Records how to_device moves it (a CPU-only torch cannot pin memory)."""
+
+    def __init__(self, fail_pin=False):
+        self.calls, self.fail_pin = [], fail_pin
+
+    def pin_memory(self):
+        if self.fail_pin:
+            raise RuntimeError("cannot pin")
+        self.calls.append("pin")
+        return self
+
+    def to(self, device, non_blocking=False):
+        self.calls.append((device, non_blocking))
+        return self
+
+
+def test_a_micro_batch_reaches_a_gpu_through_pinned_memory_without_blocking():
+    a, b = _HostTensor(), _HostTensor(fail_pin=True)
+    out = loop.to_device({"input_ids": a, "labels": b, "max_length_q": 7}, "cuda:0")
+    assert a.calls == ["pin", ("cuda:0", True)]  # no hidden wait for the queued work
+    assert b.calls == [("cuda:0", False)]  # no pinned memory: the plain copy, still correct
+    assert out["max_length_q"] == 7
+    c = _HostTensor()
+    loop.to_device({"input_ids": c}, "cpu")
+    assert c.calls == [("cpu", False)]
+
+
+@pytest.mark.gpu
+def test_one_device_sync_per_step_on_a_gpu(tmp_path):
+    """On CUDA: torch's sync debug mode warns at every synchronizing call; a step makes exactly one."""
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    model = ToyLM().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    data = [([1, 2, 3, 4, 5], [D.IGNORE, 2, 3, 4, 5]), ([6, 7, 8], [6, 7, 8])] * 2
+    run = loop.Run(model, opt, sched, torch.amp.GradScaler("cuda", enabled=False), data, [], Plan(),
+                   tmp_path, 0, 0, "cuda:0", torch.float32, micro=2)
+    loop.train_step(run, data, 2, 2)  # warm-up: first-call allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop.train_step(run, data, 2, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

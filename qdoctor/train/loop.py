@@ -200,12 +200,30 @@ def forward_loss(run: Run, batch: dict, weight: float):
 
     if "position_ids" in batch and getattr(run.model.config, "_attn_implementation", None) == speed.VARLEN:
         batch = {**batch, **speed.varlen_kwargs(batch["position_ids"])}  # document boundaries, from the host
-    batch = {k: v.to(run.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    batch = to_device(batch, run.device)
     with torch.autocast(
         run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.dtype.value != "fp32"
     ):
         out = run.model(**batch)
     return out.loss.float() * weight
+
+
+def to_device(batch: dict, device: str) -> dict:
+    """The micro-batch's tensors on the device. On a GPU they go through pinned memory without blocking:
+    torch's copy from pageable memory waits for everything queued on the stream first (a hidden sync per
+    tensor), so the host could not prepare a micro-batch while the GPU computes the one before."""
+    if not device.startswith("cuda"):
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        if not hasattr(v, "pin_memory"):
+            out[k] = v
+            continue
+        try:
+            out[k] = v.pin_memory().to(device, non_blocking=True)
+        except RuntimeError:  # no page-locked memory to be had: the blocking copy
+            out[k] = v.to(device)
+    return out
 
 
 def _label_tokens(examples) -> int:
