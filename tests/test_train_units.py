@@ -454,3 +454,11 @@ def test_skip_probes_reads_torch_in_this_process_instead_of_a_child(tmp_path, mo
 
     collect(deep=True)  # `check --deep` (and train with probes) still asks a child
     assert len(children) == 1
+    import qdoctor.facts
+    from qdoctor.facts import torch_build
+
+    real = torch_build.collect
+    monkeypatch.setattr(torch_build, "collect", lambda *a: {**real(*a), "cuda": "13.0"})  # a CUDA torch
+    monkeypatch.setattr(qdoctor.facts, "_gpu_visible", lambda nvidia: True)  # and a GPU
+    collect(deep=True, in_process=True)  # a GPU is not touched from the training process: the child
+    assert len(children) == 2

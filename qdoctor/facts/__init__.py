@@ -73,7 +73,9 @@ def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=No
     paths/environ/nvml: what to observe instead of sys.path / os.environ / pynvml (tests inject these).
     progress: called with a one-line notice before the slow step (the deep child), if it runs.
     in_process: deep, without a child, when this process has imported torch already (`train --skip-probes`,
-    which imports it anyway): torch's half read here, bitsandbytes left to its static facts, nothing cached.
+    which imports it anyway) and no GPU is there to be touched (on a GPU, reading every device's properties
+    would leave a CUDA context, and its memory, on each of them in this long-lived process): torch's half read
+    here, bitsandbytes left to its static facts, nothing cached.
     """
     from qdoctor.facts import (
         bnb,
@@ -136,7 +138,8 @@ def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=No
     facts["runtime"] = {"ran": False, "cached": False, "duration_s": None, "status": None, "error": None}
     if use_cache and paths is None and not (deep and refresh):
         _timed(facts, "runtime_cache", lambda: runtime.from_cache(facts))
-    if deep and not facts["runtime"].get("cached") and in_process and "torch" in sys.modules:
+    no_gpu = not facts["torch"].get("cuda") or _gpu_visible(facts["nvidia"]) is False
+    if deep and not facts["runtime"].get("cached") and in_process and no_gpu and "torch" in sys.modules:
         _timed(facts, "runtime", lambda: runtime.merge(facts, runtime.in_this_process(sys.modules["torch"])))
     elif deep and not facts["runtime"].get("cached"):
         if progress:
