@@ -240,6 +240,7 @@ def worker(a) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         losses, err = [], None
+        model.train()  # as loop.fit does: liger's fused loss skips the logits only in training mode
         try:
             for i, ex in enumerate(batches):
                 if i == a.warm:

@@ -21,19 +21,20 @@ CPU machine (here: torch 2.13.0+cpu in the base venv):
 
     nohup nice -n 10 python scripts/verify_matrix.py run --grid scripts/grids/cpu.toml -j 2 &
 
-GPU machine without network (the H200): on a networked machine, first collect every wheel the grid
-needs for the GPU machine's Python (torch excluded: the base venv there has its CUDA build):
+GPU machine without network or pip index, whose system python3 already holds a CUDA torch, transformers,
+peft and accelerate (the H200): only bitsandbytes varies there, and full wheels (43-73 MB each) do not fit
+the 64 MiB a call carries. On a networked machine, build trimmed installs -- each release unpacked, keeping
+the native libraries the grid's combinations load plus the CPU library -- into one tar.xz, with a tracked
+manifest of what was dropped (scripts/grids/h200-carried.json); a grid combination whose library choice the
+trimming would change is refused, here and again on the GPU machine against its torch:
 
-    python scripts/verify_matrix.py download --grid scripts/grids/h200.toml --wheels wheels/ \
-        --python-version 3.12
+    python scripts/verify_matrix.py carry --grid scripts/grids/h200.toml --out .gpu/matrix
 
-(each combination is resolved against this machine's base, so what the base already holds -- torch and
-the stack's common dependencies -- is not downloaded: the GPU machine's base venv must hold them too, as a
-venv with the `train` extra does), then carry the repository and wheels/ over and run there, with the base
-venv that holds the CUDA torch:
+then carry the repository and .gpu/matrix over and run there (no venvs, no pip: each release's folder goes
+first on PYTHONPATH, then this repository, then those of qdoctor's own dependencies the machine lacks):
 
-    python scripts/verify_matrix.py run --grid scripts/grids/h200.toml --wheels wheels/ --offline \
-        --base-python /opt/torch/.venv/bin/python -j 4
+    python3 scripts/verify_matrix.py run --grid scripts/grids/h200.toml --carried .gpu/matrix \
+        --base-python python3 -j 4 --deadline 330
 
 which writes matrix/verified/linux-x86_64-cuda-sm_90.json. `render` rewrites docs/matrix.md from every
 platform's file.
@@ -44,21 +45,26 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import datetime as dt
+import hashlib
 import itertools
 import json
+import lzma
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qdoctor import verified  # noqa: E402
+from qdoctor import bnb_loader, verified  # noqa: E402
+from qdoctor.rules.common import base as base_version  # noqa: E402
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,15 +81,17 @@ EXCLUDE = re.compile(r"^(transformers|peft|bitsandbytes|accelerate|huggingface[-
 
 # ---------------------------------------------------------------- the grid
 def load_grid(path: str) -> list[dict]:
-    """[[block]] tables, each a cross product of its lists -> [{'versions': {...}, 'env': {...}}]."""
+    """[[block]] tables, each a cross product of its lists -> [{'versions': {...}, 'env': {...}}]. An axis a
+    block leaves out is the base interpreter's own package (the carried mode: only bitsandbytes travels)."""
     with open(path, "rb") as fh:
         doc = tomllib.load(fh)
     out, seen = [], set()
     for block in doc.get("block", []):
-        lists = [block[a] if isinstance(block[a], list) else [block[a]] for a in AXES]
+        axes = [a for a in AXES if a in block]
+        lists = [block[a] if isinstance(block[a], list) else [block[a]] for a in axes]
         for env in block.get("env", [{}]):
             for combo in itertools.product(*lists):
-                c = {"versions": dict(zip(AXES, combo, strict=True)),
+                c = {"versions": dict(zip(axes, combo, strict=True)),
                      "env": {k: str(v) for k, v in env.items()}}
                 if combo_id(c) not in seen:
                     seen.add(combo_id(c))
@@ -93,7 +101,8 @@ def load_grid(path: str) -> list[dict]:
 
 def combo_id(c: dict) -> str:
     v = c["versions"]
-    s = f"bnb-{v['bitsandbytes']}_peft-{v['peft']}_tf-{v['transformers']}_acc-{v['accelerate']}"
+    s = "_".join(f"{short}-{v[a]}" for a, short in zip(AXES, ("bnb", "peft", "tf", "acc"), strict=True)
+                 if a in v)
     return s + "".join(f"_{k}-{val}" for k, val in sorted(c.get("env", {}).items()))
 
 
@@ -239,9 +248,9 @@ def installed_in(env_dir: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- one combination
-def qdoctor_json(env_dir: Path, cmd: list[str], env: dict, timeout: float) -> tuple[int, dict | None, str]:
-    rc, out, err = run([str(python_of(env_dir)), "-m", "qdoctor", *cmd, "--json"], env=env, timeout=timeout,
-                       cwd=str(env_dir))
+def qdoctor_json(python: str, cmd: list[str], env: dict, timeout: float,
+                 cwd: Path) -> tuple[int, dict | None, str]:
+    rc, out, err = run([python, "-m", "qdoctor", *cmd, "--json"], env=env, timeout=timeout, cwd=str(cwd))
     try:
         return rc, json.loads(out), err
     except json.JSONDecodeError:
@@ -293,11 +302,27 @@ def probe_rows(doc: dict | None) -> list[dict]:
     return rows
 
 
+def new_result(c: dict) -> dict:
+    return {"id": combo_id(c), "versions": dict(c["versions"]), "env": dict(c["env"]),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def child_env(c: dict, env_dir: Path, pythonpath: list | None = None) -> dict:
+    """The environment qdoctor runs in: this machine's, less what would leak another setting in (a
+    PYTHONPATH, a venv, a loader override), plus the combination's own settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", *verified.ENV_KEYS)}
+    env.update(c["env"])
+    env.update(XDG_CACHE_HOME=str(env_dir / "cache"), QDOCTOR_VERIFY="1")
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+    return env
+
+
 def verify_one(c: dict, args, base: Path, cache: Path) -> dict:
+    """A venv with the combination installed by pip over the base, then `measure`."""
     t0 = time.monotonic()
     env_dir = Path(args.work) / "envs" / combo_id(c)
-    res = {"id": combo_id(c), "versions": dict(c["versions"]), "env": dict(c["env"]),
-           "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    res = new_result(c)
     make_env(args.base_python, env_dir, base)
     rc, out, err = install(c, env_dir, args, cache)
     if rc:
@@ -307,16 +332,32 @@ def verify_one(c: dict, args, base: Path, cache: Path) -> dict:
         return res
     res["installed"] = installed_in(env_dir)
     res["replaced_in_base"] = hide_shadowed(env_dir)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", *verified.ENV_KEYS)}
-    env.update(c["env"])
-    env.update(XDG_CACHE_HOME=str(env_dir / "cache"), QDOCTOR_VERIFY="1")
-    rc_c, check, err_c = qdoctor_json(env_dir, ["check"], env, 120)
-    res["versions"]["torch"] = ((check or {}).get("facts") or {}).get("packages", {}).get("torch")
+    measure(res, str(python_of(env_dir)), child_env(c, env_dir), env_dir, args)
+    res["duration_s"] = round(time.monotonic() - t0)
+    cleanup(env_dir, args)
+    return res
+
+
+def measure(res: dict, python: str, env: dict, cwd: Path, args) -> dict:
+    """`qdoctor check --json` (the prediction) and `qdoctor smoke --json` (the measurement) with `python` in
+    `env`; the versions the grid left to the base are filled in from check's facts, and a version check
+    saw that is not the one the grid asked for is a harness error (the environment is not what it claims)."""
+    rc_c, check, err_c = qdoctor_json(python, ["check"], env, 120, cwd)
+    have = verified.installed_stack((check or {}).get("facts") or {})
+    pk = ((check or {}).get("facts") or {}).get("packages") or {}
+    for k in verified.GRID:
+        res["versions"].setdefault(k, pk.get(k))
     res["check"] = {"exit": rc_c, **judge_check(check)}
     if check is None:
         res["check"]["error"] = tail(err_c, 6)
-    rc_s, smoke, err_s = qdoctor_json(env_dir, ["smoke", "--timeout", str(args.timeout)], env,
-                                      args.timeout * 10 + 300)
+    else:
+        wrong = [f"{k} {have.get(k)} (asked for {v})" for k, v in res["versions"].items()
+                 if k != "torch" and v and have.get(k) != base_version(v)]
+        if wrong:
+            res.update(status="harness-error", error="check saw " + ", ".join(wrong), agrees=None)
+            return res
+    rc_s, smoke, err_s = qdoctor_json(python, ["smoke", "--timeout", str(args.timeout)], env,
+                                      args.timeout * 10 + 300, cwd)
     probes = probe_rows(smoke)
     res["smoke"] = {"exit": rc_s, "device": (smoke or {}).get("device"), "probes": probes}
     bad = [p for p in probes if p["status"] in ("fail", "crash", "timeout")]
@@ -329,8 +370,6 @@ def verify_one(c: dict, args, base: Path, cache: Path) -> dict:
         res["status"] = "working"
     measured = res["status"] in ("working", "broken")
     res["agrees"] = agrees(res["check"]["predicted"], res["status"]) if measured else None
-    res["duration_s"] = round(time.monotonic() - t0)
-    cleanup(env_dir, args)
     return res
 
 
@@ -343,6 +382,208 @@ def agrees(pred: str | None, status: str) -> bool:
 def cleanup(env_dir: Path, args) -> None:
     if not args.keep_envs:
         shutil.rmtree(env_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- carried installs (no network, no pip index)
+# A GPU machine without network gets bitsandbytes as trimmed installs: each release unpacked from its wheel,
+# keeping the native libraries the grid loads (a full wheel is 43-73 MB; a call carries 64 MiB), packed in one
+# tar.xz with a manifest (`carry`). `run --carried` layers a release's folder on PYTHONPATH over the base
+# interpreter, whose own torch, transformers, peft and accelerate are the rest of the stack.
+MANIFEST = "carried.json"
+TARBALL = "bnb-carried.tar.xz"
+
+
+def trim_artefact(c: dict, manifest: dict, torch_cuda: str | None, loader_rules: list) -> str | None:
+    """Why a combination would measure the trimming rather than the release, or None: its release did not
+    travel, its BNB_CUDA_VERSION names a library that was dropped, or (for this torch's CUDA) the loader
+    would pick another library from the kept ones than from the whole wheel."""
+    ver = c["versions"].get("bitsandbytes")
+    entry = (manifest.get("bitsandbytes") or {}).get(ver)
+    if entry is None:
+        return f"bitsandbytes {ver} was not carried"
+    ov = c["env"].get("BNB_CUDA_VERSION")
+    if ov and f"cuda{ov}" in entry["dropped"]:
+        return f"BNB_CUDA_VERSION={ov} names libbitsandbytes_cuda{ov}, which the trimming dropped"
+    if torch_cuda:
+        def choice(libs):
+            sel = bnb_loader.select_library(ver, torch_cuda, None, libs, c["env"], loader_rules)
+            return sel["selected"], bnb_loader.loaded(sel), sel["error"]
+
+        full, kept = choice(entry["shipped"]), choice(entry["kept"])
+        if full != kept:
+            return (f"on torch CUDA {torch_cuda} the whole wheel loads {full[1] or 'nothing'} "
+                    f"(looks for {full[0]}), the trimmed one {kept[1] or 'nothing'} (looks for {kept[0]})")
+    return None
+
+
+def grid_artefacts(combos: list[dict], manifest: dict, torch_cuda: str | None) -> list[str]:
+    from qdoctor import matrix
+
+    rules = bnb_loader.rules(matrix.load())
+    return [f"{combo_id(c)}: {why}" for c in combos
+            if (why := trim_artefact(c, manifest, torch_cuda, rules))]
+
+
+def unpack_carried(src: Path, work: Path) -> tuple[Path, dict]:
+    """The folder holding the manifest: `src` itself when unpacked, else its tar.xz unpacked (once per
+    tarball) into <work>/carried."""
+    if (src / MANIFEST).is_file():
+        return src, json.loads((src / MANIFEST).read_text())
+    tars = [src] if src.is_file() else sorted(src.glob("*.tar.xz"))
+    if not tars:
+        raise SystemExit(f"verify_matrix: no {MANIFEST} or *.tar.xz in {src} (made by `carry`)")
+    dest = work / "carried"
+    stamp = dest / ".unpacked-from"
+    key = f"{tars[0].name} {tars[0].stat().st_size}"
+    if not (stamp.is_file() and stamp.read_text() == key):
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        with tarfile.open(tars[0]) as tf:
+            tf.extractall(dest, filter="data")
+        stamp.write_text(key)
+    return dest, json.loads((dest / MANIFEST).read_text())
+
+
+def missing_dists(python: str, names: list[str]) -> set[str]:
+    """The distributions `python` does not have installed on its own (no PYTHONPATH)."""
+    code = ("import importlib.metadata as m, sys\n"
+            "def has(n):\n"
+            "    try:\n        return bool(m.distribution(n))\n"
+            "    except m.PackageNotFoundError:\n        return False\n"
+            "print(' '.join(n for n in sys.argv[1:] if not has(n)))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    rc, out, err = run([python, "-c", code, *names], env=env, timeout=60)
+    if rc:
+        raise SystemExit(f"verify_matrix: cannot run {python}: {tail(err)}")
+    return set(out.split())
+
+
+def deps_path(python: str, root: Path, manifest: dict) -> list[Path]:
+    """qdoctor's own dependencies the base interpreter lacks, as folders to put on PYTHONPATH (only
+    those: a carried copy never sits beside the machine's own, which `check` would report as a conflict)."""
+    deps = manifest.get("deps") or {}
+    lacking = missing_dists(python, sorted(deps))
+    return [root / d["dir"] for name, d in sorted(deps.items()) if name in lacking]
+
+
+def verify_carried(c: dict, args, root: Path, manifest: dict, deps: list[Path]) -> dict:
+    """The base interpreter with this release's trimmed folder first on PYTHONPATH, then `measure`."""
+    t0 = time.monotonic()
+    env_dir = Path(args.work) / "envs" / combo_id(c)
+    shutil.rmtree(env_dir, ignore_errors=True)
+    env_dir.mkdir(parents=True)
+    res = new_result(c)
+    entry = manifest["bitsandbytes"][c["versions"]["bitsandbytes"]]
+    res["carried"] = {"kept": entry["kept"], "dropped": entry["dropped"]}
+    env = child_env(c, env_dir, [root / entry["dir"], ROOT, *deps])
+    measure(res, args.base_python, env, env_dir, args)
+    res["duration_s"] = round(time.monotonic() - t0)
+    cleanup(env_dir, args)
+    return res
+
+
+def _unzip(wheel: Path, dest: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        for info in zf.infolist():
+            zf.extract(info, dest)
+            mode = info.external_attr >> 16
+            if mode:
+                os.chmod(dest / info.filename, mode & 0o777)
+
+
+def _pip_download(args, reqs: list[str], dest: Path, carry: dict) -> None:
+    target = ["--only-binary=:all:", "--python-version", carry["python_version"], "--implementation", "cp",
+              "--platform", carry["platform"], "--platform", "manylinux_2_17_x86_64",
+              "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64"]
+    rc, out, err = run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--quiet",
+                        "--no-deps", "-d", str(dest), *target, *reqs])
+    if rc:
+        raise SystemExit(f"verify_matrix: pip download {' '.join(reqs)} failed: {tail(err or out, 6)}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def trim_release(wheel: Path, dest: Path, keep: list[str]) -> dict:
+    """Unpack a bitsandbytes wheel into `dest` and delete every libbitsandbytes_* not in `keep`."""
+    _unzip(wheel, dest)
+    pkg = dest / "bitsandbytes"
+    shipped = sorted(m.group("name") for f in os.listdir(pkg) if (m := bnb_loader.LIB_RE.match(f)))
+    unknown = sorted(set(keep) - set(shipped))
+    if unknown:
+        raise SystemExit(f"verify_matrix: {wheel.name} ships no {', '.join(unknown)} (it has {shipped})")
+    dropped = [n for n in shipped if n not in keep]
+    for f in os.listdir(pkg):
+        m = bnb_loader.LIB_RE.match(f)
+        if m and m.group("name") in dropped:
+            (pkg / f).unlink()
+    for info in dest.glob("bitsandbytes-*.dist-info"):
+        (info / "QDOCTOR_TRIMMED").write_text(
+            "Trimmed by qdoctor's scripts/verify_matrix.py carry; native libraries removed:\n"
+            + "".join(f"libbitsandbytes_{n}\n" for n in dropped))
+    return {"dir": dest.name, "wheel": wheel.name, "sha256": _sha256(wheel), "shipped": shipped,
+            "kept": sorted(keep), "dropped": dropped}
+
+
+def cmd_carry(args) -> int:
+    """Download the [carry] releases and deps of a grid, trim them, check the grid against the trimming,
+    and write <out>/bnb-carried.tar.xz plus the tracked manifest next to the grid."""
+    with open(args.grid, "rb") as fh:
+        carry = tomllib.load(fh)["carry"]
+    combos = load_grid(args.grid)
+    work = Path(args.work).resolve() / "carry"
+    wheels, stage = work / "wheels", work / "stage"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    wheels.mkdir(parents=True, exist_ok=True)
+    manifest = {"schema": "qdoctor.carried/1", "grid": Path(args.grid).name,
+                "python_version": carry["python_version"], "torch_cuda": carry.get("torch_cuda"),
+                "why": "a full wheel is 43-73 MB and one call carries 64 MiB: each release keeps the native "
+                       "libraries its grid combinations load on this torch CUDA, plus its CPU library; the "
+                       "rest (CUDA libraries no combination selects, ROCm and XPU libraries) is dropped",
+                "bitsandbytes": {}, "deps": {}}
+    for ver, keep in sorted(carry["keep"].items()):
+        have = sorted(wheels.glob(f"bitsandbytes-{ver}-*.whl"))
+        if not have:
+            _pip_download(args, [f"bitsandbytes=={ver}"], wheels, carry)
+            have = sorted(wheels.glob(f"bitsandbytes-{ver}-*.whl"))
+        manifest["bitsandbytes"][ver] = trim_release(have[0], stage / f"bitsandbytes-{ver}", keep)
+    deps_wheels = work / "deps"
+    shutil.rmtree(deps_wheels, ignore_errors=True)
+    deps_wheels.mkdir()
+    _pip_download(args, list(carry.get("deps") or []), deps_wheels, carry)
+    for whl in sorted(deps_wheels.glob("*.whl")):
+        name, version = whl.name.split("-")[:2]
+        dist = name.lower().replace("_", "-")
+        _unzip(whl, stage / "deps" / dist)
+        info = next((stage / "deps" / dist).glob("*.dist-info"))
+        manifest["deps"][dist] = {"dir": f"deps/{dist}", "version": version, "wheel": whl.name,
+                                  "modules": sorted(_top_level(info))}
+    bad = grid_artefacts(combos, manifest, carry.get("torch_cuda"))
+    if bad:
+        print("verify_matrix: the grid measures the trimming, not the releases:\n  " + "\n  ".join(bad),
+              file=sys.stderr)
+        return 2
+    text = json.dumps(manifest, indent=1) + "\n"
+    (stage / MANIFEST).write_text(text)
+    tracked = Path(args.manifest or Path(args.grid).with_name(Path(args.grid).stem + "-carried.json"))
+    tracked.write_text(text)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (TARBALL + ".tmp")
+    with tarfile.open(tmp, "w:xz", preset=9 | lzma.PRESET_EXTREME) as tf:
+        for entry in sorted(stage.iterdir()):
+            tf.add(entry, arcname=entry.name)
+    os.replace(tmp, out / TARBALL)
+    size = (out / TARBALL).stat().st_size
+    print(f"verify_matrix: {out / TARBALL}: {size / 2**20:.1f} MiB, {len(manifest['bitsandbytes'])} "
+          f"releases, {len(combos)} combinations; manifest {tracked}")
+    return 0
 
 
 # ---------------------------------------------------------------- the output file
@@ -368,8 +609,9 @@ def machine(facts: dict) -> dict:
             "python": plat.get("python"), "container": plat.get("container")}
 
 
-def base_facts(python: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def base_facts(python: str, extra: tuple = ()) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in verified.ENV_KEYS}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *map(str, extra)])
     rc, out, err = run([python, "-m", "qdoctor", "check", "--json"], env=env, timeout=120)
     try:
         return json.loads(out)["facts"]
@@ -410,22 +652,56 @@ def cmd_run(args) -> int:
                    os.path.expanduser("~"): "~"})
     cache = work / "pip-cache"
     rc, sha, _ = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    facts = base_facts(args.base_python)
+    deps: list[Path] = []
+    if args.carried:
+        root, manifest = unpack_carried(Path(args.carried).resolve(), work)
+        _PATHS[str(root)] = "<carried>"
+        deps = deps_path(args.base_python, root, manifest)
+    facts = base_facts(args.base_python, tuple(deps))
+    if args.carried:
+        bad = grid_artefacts(combos, manifest, (facts.get("torch") or {}).get("cuda"))
+        if bad:
+            print("verify_matrix: refusing combinations that would measure the trimming, not the release:\n  "
+                  + "\n  ".join(bad), file=sys.stderr)
+            return 2
     platform = args.platform or verified.platform_key(facts)
+    if args.expect_platform and platform != args.expect_platform:
+        print(f"verify_matrix: this machine is {platform}, not {args.expect_platform} (--expect-platform): "
+              "nothing run", file=sys.stderr)
+        return 2
     out_path = Path(args.out or ROOT / "matrix" / "verified" / f"{platform}.json")
+    method = ("scripts/verify_matrix.py: a venv per combination over the base interpreter's torch; "
+              "`qdoctor check --json` and `qdoctor smoke --json` in each")
+    if args.carried:
+        listed = f"scripts/grids/{manifest.get('grid', '?').removesuffix('.toml')}-carried.json"
+        method = ("scripts/verify_matrix.py run --carried: each bitsandbytes release unpacked from its "
+                  f"wheel with only the native libraries its combinations load ({listed}), first on "
+                  "PYTHONPATH over the base interpreter's own torch, transformers, peft and accelerate; "
+                  "`qdoctor check --json` and `qdoctor smoke --json` in each")
     head = {"schema": verified.SCHEMA, "platform": platform, "machine": machine(facts),
             "base": {"torch": (facts.get("packages") or {}).get("torch"),
                      "python": facts["platform"].get("python")},
-            "method": "scripts/verify_matrix.py: a venv per combination over the base interpreter's torch; "
-                      "`qdoctor check --json` and `qdoctor smoke --json` in each",
-            "qdoctor_commit": sha.strip() if rc == 0 else None}
+            "method": method, "qdoctor_commit": args.commit or (sha.strip() if rc == 0 else None),
+            "note": "check's prediction (check.predicted) leaves out QD510/QD511, which come from earlier "
+                    "measurements"}
     output = Output(out_path, head)
     todo = [c for c in combos if args.redo or not output.done(combo_id(c))]
     print(f"verify_matrix: {platform}: {len(combos)} combinations, {len(combos) - len(todo)} already done, "
-          f"{len(todo)} to run with -j {args.jobs}", flush=True)
-    base = make_base(args.base_python, work / "base")
+          f"{len(todo)} to run with -j {args.jobs}"
+          + (f", carried dependencies: {', '.join(p.name for p in deps) or 'none needed'}" if args.carried
+             else ""), flush=True)
+    t_end = time.monotonic() + args.deadline if args.deadline else None
+
+    def one(c):
+        if t_end is not None and time.monotonic() > t_end:
+            return None  # past --deadline: left for the next run (it resumes)
+        if args.carried:
+            return verify_carried(c, args, root, manifest, deps)
+        return verify_one(c, args, base, cache)
+
+    base = None if args.carried else make_base(args.base_python, work / "base")
     with cf.ThreadPoolExecutor(args.jobs) as pool:
-        futs = {pool.submit(verify_one, c, args, base, cache): c for c in todo}
+        futs = {pool.submit(one, c): c for c in todo}
         for i, fut in enumerate(cf.as_completed(futs), 1):
             c = futs[fut]
             try:
@@ -435,6 +711,9 @@ def cmd_run(args) -> int:
                        "status": "harness-error",
                        "error": f"{type(e).__name__}: {e}",
                        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            if res is None:
+                print(f"[{i}/{len(todo)}] {combo_id(c)}: not started (--deadline)", flush=True)
+                continue
             output.add(res)
             why = f" -- {res['error'].splitlines()[0][:120]}" if res.get("error") else ""
             print(f"[{i}/{len(todo)}] {res['id']}: {res['status']} ({res.get('duration_s', '?')} s){why}",
@@ -500,10 +779,25 @@ def main(argv=None) -> int:
     r.add_argument("--offline", action="store_true", help="install from --wheels only (pip --no-index)")
     r.add_argument("--platform", default=None, help="override the platform key (default: from check's facts)")
     r.add_argument("--out", default=None, help="default: matrix/verified/<platform>.json")
+    r.add_argument("--expect-platform", default=None,
+                   help="stop unless this machine's platform key is this one (a GPU that is not seen would "
+                        "otherwise add its results to the CPU file)")
     r.add_argument("--timeout", type=int, default=600, help="seconds per probe (smoke --timeout)")
     r.add_argument("--install-timeout", type=int, default=1800)
     r.add_argument("--redo", action="store_true", help="run combinations that already have a result")
     r.add_argument("--keep-envs", action="store_true")
+    r.add_argument("--carried", default=None,
+                   help="trimmed bitsandbytes installs made by `carry` (a folder with its tar.xz): no venvs, "
+                        "no pip; the grid's other packages are the base interpreter's")
+    r.add_argument("--commit", default=None, help="qdoctor's commit to record (default: git's HEAD; a copy "
+                   "of the tree without .git records none)")
+    r.add_argument("--deadline", type=float, default=None,
+                   help="seconds after which no combination starts (a later run resumes)")
+    c = sub.add_parser("carry", help="trimmed bitsandbytes installs for `run --carried` (an offline machine)")
+    c.add_argument("--grid", default=str(ROOT / "scripts" / "grids" / "h200.toml"))
+    c.add_argument("--work", default=str(ROOT / ".verify"), help="downloads and the staging folder")
+    c.add_argument("--out", default=str(ROOT / ".gpu" / "matrix"), help="where the tar.xz is written")
+    c.add_argument("--manifest", default=None, help="default: <grid>-carried.json next to the grid")
     d = sub.choices["download"]
     d.add_argument("--python-version", default="3.12", help="the GPU machine's Python (pip download)")
     sub.add_parser("render", help="rewrite docs/matrix.md from matrix/verified/*.json")
@@ -511,6 +805,8 @@ def main(argv=None) -> int:
     if args.cmd == "render":
         render(ROOT / "docs" / "matrix.md")
         return 0
+    if args.cmd == "carry":
+        return cmd_carry(args)
     if args.cmd == "download" and not args.wheels:
         ap.error("download needs --wheels DIR")
     return cmd_run(args) if args.cmd == "run" else cmd_download(args)

@@ -116,11 +116,27 @@ def test_varlen_is_planned_for_packed_rows_where_it_can_run_and_its_mask_leaves_
     dense = _plan(h200, packing=True, seq_len=4096, batch_size=2, attention="sdpa")
     mask = 2 * SHAPE_1B.heads * 4096**2 * 2 / memory.GIB  # the dense mask SDPA expands
     assert dense.memory.estimate.total_gib - packed.memory.estimate.total_gib == pytest.approx(mask)
-    assert _plan(h200).attention.value == "sdpa"  # unpacked rows keep SDPA's causal flash path
+    rows = _plan(h200)  # unpacked rows too: each row (and its padding) a sequence of its own
+    assert rows.attention.value == "varlen" and "each row" in rows.attention.reason
+    assert rows.memory.estimate.total_gib == _plan(h200, attention="sdpa").memory.estimate.total_gib
+    assert _plan(_facts("cpu-ci-machine.json")).attention.value == "sdpa"
     cpu = _plan(_facts("cpu-ci-machine.json"), packing=True)
     assert cpu.attention.value == "sdpa" and "dense document mask (CPU" in cpu.attention.reason
     asked = _plan(_facts("cpu-ci-machine.json"), packing=True, attention="varlen")
     assert asked.attention.value == "sdpa" and "varlen asked for, but CPU" in asked.attention.reason
+
+
+def test_right_padded_rows_are_a_document_each_and_their_padding_another(monkeypatch):
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    kw = speed.varlen_kwargs_from_mask(mask)
+    assert kw["cu_seq_lens_q"].tolist() == [0, 3, 5, 10] and kw["max_length_q"] == 5
+    monkeypatch.setattr(speed, "_varlen_fn", per_document_kernel([], True))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 5, 8, generator=g) for n in (4, 2, 2))
+    out, _ = speed.varlen_attention(None, q, k, v, None, scaling=0.3, **kw)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), scale=0.3,
+                                         is_causal=True).transpose(1, 2)
+    assert torch.allclose(out[0, :3], ref[0, :3], atol=1e-5) and torch.allclose(out[1], ref[1], atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -198,8 +198,12 @@ def forward_loss(run: Run, batch: dict, weight: float):
     host from the examples: counting the device tensor would wait for the GPU). A tensor on the device."""
     import torch
 
-    if "position_ids" in batch and getattr(run.model.config, "_attn_implementation", None) == speed.VARLEN:
-        batch = {**batch, **speed.varlen_kwargs(batch["position_ids"])}  # document boundaries, from the host
+    # the config of the model inside any DDP/FSDP wrapper (which has none of its own); a toy model has none
+    if getattr(getattr(run.core, "config", None), "_attn_implementation", None) == speed.VARLEN:
+        pos = batch.get("position_ids")  # document boundaries, from the host
+        extra = speed.varlen_kwargs(pos) if pos is not None else speed.varlen_kwargs_from_mask(
+            batch["attention_mask"])
+        batch = {**batch, **extra}
     batch = to_device(batch, run.device)
     with torch.autocast(
         run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.dtype.value != "fp32"

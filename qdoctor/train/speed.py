@@ -125,6 +125,17 @@ def varlen_kwargs(position_ids) -> dict:
     return {"cu_seq_lens_q": cu, "max_length_q": int(position_ids.shape[-1])}
 
 
+def varlen_kwargs_from_mask(attention_mask) -> dict:
+    """The same for right-padded rows of one example each: a row is one document and its padding another
+    (padding attends only to padding; its labels are ignored), so every row goes to the varlen kernel."""
+    import torch
+
+    s = attention_mask.shape[-1]
+    idx = torch.arange(s).expand_as(attention_mask)
+    lens = attention_mask.sum(-1, keepdim=True)
+    return varlen_kwargs(torch.where(idx < lens, idx, idx - lens))
+
+
 def _varlen_fn():
     import inspect
 
