@@ -54,6 +54,12 @@ def test_default_run_writes_a_loadable_adapter_and_the_loss_falls(tmp_path, pf):
     assert s["data"]["records"] == 600 and s["data"]["dropped"] == 0 and s["skipped_steps"] == 0
     assert s["plan"]["seq_len"]["value"] == 256  # the embedded model's positions, not the default 1024
     assert s["final_loss_note"] == "mean of the last 5 steps"
+    t = s["timings"]  # where the wall time went: every part measured, none negative, no more than the wall
+    parts = ("startup_s", "load_s", "train_s", "eval_s", "checkpoint_s")
+    assert all(t[k] >= 0 for k in (*parts, "other_s", "median_step_s", "host_s_per_step"))
+    assert sum(t[k] for k in parts) <= s["wall_time_s"] + 0.001 * len(parts)  # each rounded to 1 ms
+    assert t["steps"] == 12 and t["host_s_per_step"] <= t["median_step_s"] and t["eval_s"] > 0
+    assert t["load_s"] > 0 and t["startup_s"] > 0 and t["checkpoint_s"] > 0
     assert "step 12/12" in r.stderr and "tok/s" in r.stderr and "ETA" in r.stderr
     assert not list(out.glob(".*tmp*"))
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -92,6 +98,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, pf, monkeypa
     r = invoke(*hint[2:])  # the printed command, pasted as is
     assert r.exit_code == 0, r.output
     assert "resuming from step 3" in r.stderr
+    assert "time: start-up" in r.stdout and "of it on the host" in r.stdout  # the text summary's last line
+    assert json.loads((b / "summary.json").read_text())["timings"]["steps"] == 3  # this process's steps only
     ta, tb = adapter_tensors(a / "adapter"), adapter_tensors(b / "adapter")
     assert ta.keys() == tb.keys()
     for k in ta:

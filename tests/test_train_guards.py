@@ -496,3 +496,183 @@ def test_a_new_micro_batch_gives_the_same_gradient(toy):
     for loss, g in grads[1:]:
         assert loss == pytest.approx(grads[0][0], rel=1e-6)
         assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g, grads[0][1], strict=True))
+
+
+# ---- issue 11: host overhead: one device read per step, metrics off the hot path ----
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts every read of a tensor's value by the host (on a GPU each one waits for the queued work)."""
+    import torch
+
+    seen = {"n": 0}
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **kw):
+            seen["n"] += 1
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return seen
+
+
+def test_one_device_read_per_optimizer_step_and_per_evaluation(toy, reads, monkeypatch):
+    toy.eval = toy.train[:5]  # three evaluation micro-batches of 2
+    toy.plan.set(eval_every=2)
+    per = {"train_step": [], "evaluate": [], "nonfinite_params": []}
+    for name in per:
+        real = getattr(loop, name)
+
+        def wrapped(*a, _real=real, _name=name, **kw):
+            before = reads["n"]
+            try:
+                return _real(*a, **kw)
+            finally:
+                per[_name].append(reads["n"] - before)
+
+        monkeypatch.setattr(loop, name, wrapped)
+    monkeypatch.setattr(checkpoint, "save", lambda *a: None)  # the fixture's records the weights: reads
+    loop.fit(toy, lambda run, rec: None)  # 4 steps of 2 micro-batches, evaluations at steps 2 and 4
+    assert per == {"train_step": [1] * 4, "evaluate": [1, 1], "nonfinite_params": [1]}
+    assert reads["n"] == 4 + 2 + 1  # nothing else in the loop reads the device
+    assert [r.get("eval_loss") is not None for r in toy.history] == [False, True, False, True]
+
+
+def test_the_first_non_finite_micro_batch_loss_is_the_one_reported(toy, monkeypatch):
+    """The losses are read once a step, after every micro-batch ran: the run still stops on the value the
+    first non-finite micro-batch gave (inf, not the NaN of a later one), and nothing is applied."""
+    import torch
+
+    real = loop.forward_loss
+    calls = []
+
+    def poisoned(run, batch, w):
+        calls.append(1)
+        loss = real(run, batch, w)
+        return loss * {1: math.inf, 2: math.nan}.get(len(calls), 1.0)
+
+    monkeypatch.setattr(loop, "forward_loss", poisoned)
+    before = weights(toy)
+    with pytest.raises(loop.StopRun) as e:
+        loop.fit(toy, lambda run, rec: None)
+    assert e.value.finding.code == "QD802" and "loss became inf at step 1" in e.value.finding.title
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(toy), strict=True))
+    assert toy.step == 0 and toy.saves == []
+
+
+def test_metrics_reach_disk_before_each_checkpoint_and_when_the_loop_ends(toy, monkeypatch):
+    monkeypatch.setattr(loop, "METRICS_FLUSH_S", 1e9)  # never on time: only the checkpoint and the end flush
+    toy.plan.set(max_steps=5, save_every=2)
+    on_disk = []
+
+    def lines():
+        path = toy.output / "metrics.jsonl"
+        return [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
+
+    monkeypatch.setattr(checkpoint, "save", lambda out, model, *a: on_disk.append((a[-1]["step"], lines())))
+    seen, flushed = [], []
+    toy.report = SimpleNamespace(write=lambda rec: None, flush=lambda: flushed.append(toy.step))  # a tracker
+    loop.fit(toy, lambda run, rec: seen.append(lines()))
+    assert seen[0] == [] and seen[2] == [1, 2]  # buffered between checkpoints
+    assert on_disk == [(2, [1, 2]), (4, [1, 2, 3, 4]), (5, [1, 2, 3, 4, 5])]
+    assert flushed == [2, 4, 5, 5]  # the tracker too: with each checkpoint and at the end, not every step
+    toy.plan.set(max_steps=7)
+    toy.poison = {6, 7}
+    monkeypatch.setattr(loop, "MAX_SKIPS_IN_ROW", 2)
+    with pytest.raises(loop.StopRun):  # a run that stops still leaves its lines
+        loop.fit(toy, lambda run, rec: None)
+    assert lines() == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_timings_split_the_wall_time_without_exceeding_it(toy):
+    toy.eval = toy.train[:2]
+    toy.plan.set(eval_every=2, save_every=3)
+    loop.fit(toy, lambda run, rec: None)
+    t = toy.timings.to_dict(wall_s=10_000.0)
+    parts = ("startup_s", "load_s", "train_s", "eval_s", "checkpoint_s")
+    assert t["steps"] == 4 and all(t[k] >= 0 for k in (*parts, "other_s", "median_step_s", "host_s_per_step"))
+    raw = toy.timings  # the summary rounds to 1 ms: a toy's evaluation may round to 0
+    assert raw.eval_s > 0 and raw.checkpoint_s > 0 and len(raw.step_s) == len(raw.wait_s) == 4
+    assert sum(t[k] for k in parts) + t["other_s"] == pytest.approx(10_000.0, abs=0.01)
+    assert t["host_s_per_step"] <= t["median_step_s"]  # on the CPU the step's read waits for nothing
+    from qdoctor.train.timings import Timings, describe
+
+    assert Timings().to_dict(1.0)["median_step_s"] is None and describe({}) == ""
+    short = Timings(startup_s=3.0, load_s=2.0).to_dict(wall_s=4.0)
+    assert short["other_s"] == 0  # never negative, even when rounding pushes the parts past the wall
+
+
+def test_a_step_counts_only_its_own_wait_for_the_device(toy, monkeypatch):
+    """Host time = step time - the step's read-back wait; an evaluation's read-back is not the step's."""
+    real = loop.read_back
+
+    def slow(run, values):
+        out = real(run, values)
+        run.wait_s += 1000.0  # as if each read waited 1000 s
+        return out
+
+    monkeypatch.setattr(loop, "read_back", slow)
+    toy.eval = toy.train[:2]
+    toy.plan.set(eval_every=2)
+    seen = []
+    monkeypatch.setattr(toy.timings, "add_step", lambda step_s, wait_s: seen.append(wait_s))
+    loop.fit(toy, lambda run, rec: None)
+    assert [round(w) for w in seen] == [1000] * 4  # steps 2 and 4 evaluated: still one wait each
+
+
+class _HostTensor:
+    """Records how to_device moves it (a CPU-only torch cannot pin memory)."""
+
+    def __init__(self, fail_pin=False):
+        self.calls, self.fail_pin = [], fail_pin
+
+    def pin_memory(self):
+        if self.fail_pin:
+            raise RuntimeError("cannot pin")
+        self.calls.append("pin")
+        return self
+
+    def to(self, device, non_blocking=False):
+        self.calls.append((device, non_blocking))
+        return self
+
+
+def test_a_micro_batch_reaches_a_gpu_through_pinned_memory_without_blocking():
+    a, b = _HostTensor(), _HostTensor(fail_pin=True)
+    out = loop.to_device({"input_ids": a, "labels": b, "max_length_q": 7}, "cuda:0")
+    assert a.calls == ["pin", ("cuda:0", True)]  # no hidden wait for the queued work
+    assert b.calls == [("cuda:0", False)]  # no pinned memory: the plain copy, still correct
+    assert out["max_length_q"] == 7
+    c = _HostTensor()
+    loop.to_device({"input_ids": c}, "cpu")
+    assert c.calls == [("cpu", False)]
+
+
+@pytest.mark.gpu
+def test_one_device_sync_per_step_on_a_gpu(tmp_path):
+    """On CUDA: torch's sync debug mode warns at every synchronizing call; a step makes exactly one."""
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    model = ToyLM().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    data = [([1, 2, 3, 4, 5], [D.IGNORE, 2, 3, 4, 5]), ([6, 7, 8], [6, 7, 8])] * 2
+    run = loop.Run(model, opt, sched, torch.amp.GradScaler("cuda", enabled=False), data, [], Plan(),
+                   tmp_path, 0, 0, "cuda:0", torch.float32, micro=2)
+    loop.train_step(run, data, 2, 2)  # warm-up: first-call allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop.train_step(run, data, 2, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -432,3 +432,33 @@ def test_plan_fields_are_typed_and_the_json_keeps_its_shape():
     assert d["memory"]["estimate"]["total_gib"] == round(p.memory.estimate.total_gib, 3)
     assert set(d) == set(p.choices()) | {"memory", "findings"}
     assert not hasattr(p, "v")  # no lookup by string: plan.<field>.value
+
+
+def test_skip_probes_reads_torch_in_this_process_instead_of_a_child(tmp_path, monkeypatch):
+    """`train --skip-probes` has imported torch already: no child imports it again (issue 11, start-up)."""
+    import torch
+
+    from qdoctor.facts import runtime
+    from qdoctor.train import preflight
+
+    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path))  # nothing cached: a child would run
+
+    children = []
+    monkeypatch.setattr(runtime, "run_child", lambda timeout: children.append(timeout) or {"runtime": {}})
+    pf = preflight.run("cpu", skip_probes=True)
+    t = pf.facts["torch"]
+    assert children == [] and pf.facts["runtime"]["in_process"] and pf.facts["runtime"]["status"] == "ok"
+    assert t["source"] == "runtime" and t["cuda_available"] == torch.cuda.is_available()
+    assert pf.probes == [] and not list(tmp_path.rglob("*runtime*"))  # a partial result is never cached
+    from qdoctor.facts import collect
+
+    collect(deep=True)  # `check --deep` (and train with probes) still asks a child
+    assert len(children) == 1
+    import qdoctor.facts
+    from qdoctor.facts import torch_build
+
+    real = torch_build.collect
+    monkeypatch.setattr(torch_build, "collect", lambda *a: {**real(*a), "cuda": "13.0"})  # a CUDA torch
+    monkeypatch.setattr(qdoctor.facts, "_gpu_visible", lambda nvidia: True)  # and a GPU
+    collect(deep=True, in_process=True)  # a GPU is not touched from the training process: the child
+    assert len(children) == 2

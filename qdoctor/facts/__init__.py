@@ -9,6 +9,7 @@ leaves its section empty (nulls) and an entry in facts["collectors"], and never 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -63,7 +64,7 @@ def _highest_cc(nvidia: dict) -> str | None:
 
 
 def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=None, nvml=None,
-            use_cache: bool = True, refresh: bool = False, progress=None) -> dict:
+            use_cache: bool = True, refresh: bool = False, progress=None, in_process: bool = False) -> dict:
     """The facts snapshot of this machine.
 
     deep: also import torch/bitsandbytes in a child (timeout seconds) and cache that result. A fresh
@@ -71,6 +72,10 @@ def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=No
     spawning a child (runtime.cached = true), by a plain collect too; refresh=True always re-runs it.
     paths/environ/nvml: what to observe instead of sys.path / os.environ / pynvml (tests inject these).
     progress: called with a one-line notice before the slow step (the deep child), if it runs.
+    in_process: deep, without a child, when this process has imported torch already (`train --skip-probes`,
+    which imports it anyway) and no GPU is there to be touched (on a GPU, reading every device's properties
+    would leave a CUDA context, and its memory, on each of them in this long-lived process): torch's half read
+    here, bitsandbytes left to its static facts, nothing cached.
     """
     from qdoctor.facts import (
         bnb,
@@ -133,7 +138,10 @@ def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=No
     facts["runtime"] = {"ran": False, "cached": False, "duration_s": None, "status": None, "error": None}
     if use_cache and paths is None and not (deep and refresh):
         _timed(facts, "runtime_cache", lambda: runtime.from_cache(facts))
-    if deep and not facts["runtime"].get("cached"):
+    no_gpu = not facts["torch"].get("cuda") or _gpu_visible(facts["nvidia"]) is False
+    if deep and not facts["runtime"].get("cached") and in_process and no_gpu and "torch" in sys.modules:
+        _timed(facts, "runtime", lambda: runtime.merge(facts, runtime.in_this_process(sys.modules["torch"])))
+    elif deep and not facts["runtime"].get("cached"):
         if progress:
             progress(f"importing torch and bitsandbytes in a child process (--deep, at most {timeout:g} s)")
         _timed(facts, "runtime", lambda: runtime.deep(facts, timeout))

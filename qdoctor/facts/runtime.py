@@ -162,6 +162,18 @@ def run_child(timeout: float) -> dict:
     return {"runtime": section, "payload": res.payload}
 
 
+def in_this_process(torch) -> dict:
+    """The torch half of the child's result (as run_child returns it), read from a torch this process has
+    already imported: `train --skip-probes` imports torch anyway, so a child importing it again only costs
+    seconds. bitsandbytes is left to its static facts (nothing here imports it). Not cached."""
+    t0 = time.perf_counter()
+    payload = {"torch": _torch_facts(torch), "bitsandbytes": {}}
+    section = {"ran": True, "cached": False, "in_process": True, "status": "ok", "error": None,
+               "duration_s": round(time.perf_counter() - t0, 3),
+               "collected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {"runtime": section, "payload": payload}
+
+
 def merge(facts: dict, result: dict) -> dict:
     """Fold a (fresh or cached) child result into facts; static facts stay where the child said nothing."""
     section = dict(result.get("runtime") or {})

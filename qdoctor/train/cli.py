@@ -163,6 +163,7 @@ Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input
 @click.pass_context
 def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target_modules, **flags):
     """Fine-tune with QLoRA using settings this machine is known to handle, each with its reason."""
+    t_start = time.perf_counter()  # the summary's wall time and start-up are counted from here
     from qdoctor import extra
 
     extra.require("train")  # one line and exit 2 without the `train` extra, not an ImportError
@@ -174,7 +175,6 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
     from qdoctor.train.rundir import RunDirError
     from qdoctor.train.setup import identity, prepare
 
-    t_start = time.perf_counter()
     if target_modules is not None:
         flags["target_modules"] = [t.strip() for t in target_modules.split(",") if t.strip()] or ""
     try:
@@ -373,11 +373,14 @@ def _run(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, ident: dict,
     from qdoctor.train import distributed as D
     from qdoctor.train import model as M
     from qdoctor.train.rundir import RunDirError
+    from qdoctor.train.timings import Timings
 
     output: Path = setup.output
     device = D.rank_device(plan.device.value, world)
+    timings = Timings(startup_s=time.perf_counter() - t_start)
     # the model loads before anything is written: a bad model leaves no run behind to refuse a retry
-    model, base_path = M.load_for_training(setup.src, plan, cfg.seed, device, main=world.main)
+    with timings.phase("load"):
+        model, base_path = M.load_for_training(setup.src, plan, cfg.seed, device, main=world.main)
     if world.rank:  # LoRA starts the same on every rank (seeded above); dropout draws its own masks
         import torch
 
@@ -408,14 +411,15 @@ def _run(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, ident: dict,
             raise failed
         _end(world, EXIT_USAGE)
     try:
-        return _train(cfg, plan, setup, pf, resume, as_json, t_start, hint, model, base_path, world, device)
+        return _train(cfg, plan, setup, pf, resume, as_json, t_start, hint, model, base_path, world, device,
+                      timings)
     finally:
         if lock:
             lock.release()
 
 
 def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bool, as_json: bool,
-           t_start: float, hint: str, model, base_path: str, world, device: str) -> int:
+           t_start: float, hint: str, model, base_path: str, world, device: str, timings) -> int:
     import torch
 
     from qdoctor import strict_json
@@ -465,6 +469,7 @@ def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bo
         log_every=cfg.log_every,
         report=report_to.writer_for(cfg.report_to, output) if world.main else None,
         world=world,
+        timings=timings,
     )
     run.stop_after = _test_stop_after()
     first_eval = None
@@ -528,19 +533,22 @@ def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bo
     if status == "completed":
         state = D.full_state(wrapped, opt, device != "cpu")[0] if sharded else None  # a collective
         if world.main:
-            adapter = _save_adapter(model, output, base_path, state)
+            with timings.phase("checkpoint"):
+                adapter = _save_adapter(model, output, base_path, state)
     if world.main:
+        wall = time.perf_counter() - t_start
         summ = summary.build(
             plan=plan,
             fingerprint=pf.fingerprint,
             history=run.history,
             run=run,
-            wall_s=time.perf_counter() - t_start,
+            wall_s=wall,
             status=status,
             output=output,
             adapter_dir=adapter,
             first_eval=first_eval,
             data=setup.ds.to_dict(),
+            timings=timings.to_dict(wall),
         )
         summary.write(output, summ)
         summary.plot(output, run.history)
@@ -593,6 +601,10 @@ def _human(s: dict) -> str:
         lines.append(f"skipped: {s['skipped_steps']} steps with a non-finite gradient norm (nothing applied)")
     lines.append(f"adapter: {s['adapter'] or 'not written yet (the run did not complete; see checkpoint/)'}")
     lines.append(f"summary: {s['output']}/summary.json, curve: {s['output']}/loss.png")
+    if s.get("timings"):
+        from qdoctor.train.timings import describe
+
+        lines.append(describe(s["timings"]))
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,11 @@ Nothing non-finite reaches the weights or a checkpoint: a step whose gradient no
 (counted, and marked in metrics.jsonl); a few in a row stop the run (QD804); a NaN loss stops it (QD802); and
 a checkpoint is written only when every trainable tensor is finite. SIGINT and SIGTERM both end the run at
 the next step boundary with a checkpoint.
+
+The host reads a device value once per optimizer step (the micro-batch losses and the gradient norm, together)
+and once per evaluation: every read waits for the GPU to finish what was queued, and on a small model those
+waits, not the GPU, set the pace. metrics.jsonl is appended every METRICS_FLUSH_S seconds, and always before a
+checkpoint is written and when the loop ends (a resume keeps the lines up to its checkpoint).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from qdoctor.train import distributed as dist_
 from qdoctor.train.data import IGNORE, collate, step_indices
 from qdoctor.train.distributed import World
 from qdoctor.train.plan import Plan
+from qdoctor.train.timings import Timings
 
 
 class StopRun(Exception):
@@ -56,6 +62,7 @@ class Interrupted(Exception):
 STOP_SIGNALS = ("SIGINT", "SIGTERM")  # Ctrl-C; what CI runners, schedulers and `docker stop` send
 MAX_SKIPS_IN_ROW = 3  # non-finite gradient norms in a row before the run stops
 MAX_SKIPS_IN_ROW_SCALED = 20  # fp16: the loss scaler halves its scale on each; 20 halvings leave 2**-4
+METRICS_FLUSH_S = 2.0  # metrics.jsonl lags the run by at most this (plus one step) for someone tailing it
 
 
 def is_oom(e: BaseException) -> bool:
@@ -171,6 +178,10 @@ class Run:
     log_every: int | None = None  # progress line every N steps off a terminal
     report: object = None  # a train.report_to writer (--report-to), or None
     world: World = dist_.SINGLE  # this process's place among the run's processes
+    timings: Timings = field(default_factory=Timings)
+    wait_s: float = 0.0  # this step's time blocked on the device (in the one read-back)
+    pending: list = field(default_factory=list)  # metric lines not yet appended to metrics.jsonl
+    flushed_at: float = field(default_factory=time.perf_counter)
 
     @property
     def core(self):
@@ -182,21 +193,41 @@ class Run:
         return self.plan.parallel.value.strategy == "fsdp"
 
 
-def forward_loss(run: Run, batch: dict, n_label_tokens: int):
+def forward_loss(run: Run, batch: dict, weight: float):
+    """The micro-batch's mean token loss times `weight` (its share of the step's label tokens, counted on the
+    host from the examples: counting the device tensor would wait for the GPU). A tensor on the device."""
     import torch
 
-    if getattr(run.model.config, "_attn_implementation", None) == speed.VARLEN:  # boundaries, from the host
-        pos = batch.get("position_ids")
+    # the config of the model inside any DDP/FSDP wrapper (which has none of its own); a toy model has none
+    if getattr(getattr(run.core, "config", None), "_attn_implementation", None) == speed.VARLEN:
+        pos = batch.get("position_ids")  # document boundaries, from the host
         extra = speed.varlen_kwargs(pos) if pos is not None else speed.varlen_kwargs_from_mask(
             batch["attention_mask"])
         batch = {**batch, **extra}
-    batch = {k: v.to(run.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    batch = to_device(batch, run.device)
     with torch.autocast(
         run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.dtype.value != "fp32"
     ):
         out = run.model(**batch)
-    n = int((batch["labels"][:, 1:] != IGNORE).sum())
-    return out.loss.float() * (n / n_label_tokens)
+    return out.loss.float() * weight
+
+
+def to_device(batch: dict, device: str) -> dict:
+    """The micro-batch's tensors on the device. On a GPU they go through pinned memory without blocking:
+    torch's copy from pageable memory waits for everything queued on the stream first (a hidden sync per
+    tensor), so the host could not prepare a micro-batch while the GPU computes the one before."""
+    if not device.startswith("cuda"):
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        if not hasattr(v, "pin_memory"):
+            out[k] = v
+            continue
+        try:
+            out[k] = v.pin_memory().to(device, non_blocking=True)
+        except RuntimeError:  # no page-locked memory to be had: the blocking copy
+            out[k] = v.to(device)
+    return out
 
 
 def _label_tokens(examples) -> int:
@@ -207,30 +238,39 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
     """(loss, gradient norm) of one step; `examples` are this process's share of it. A non-finite norm means
     the update was skipped: nothing was applied. With several processes the gradients are all-reduced once,
     after the last micro-batch; DDP averages them over the ranks, hence the loss x world size, which makes the
-    average the sum: the gradient of (the step's summed token losses / its label tokens on all ranks)."""
+    average the sum: the gradient of (the step's summed token losses / its label tokens on all ranks).
+    The host waits for the device once, in read_back (with fp16 loss scaling the scaler's step reads its
+    found-inf flag too: a second wait, torch's)."""
     import torch
 
     if micro * accum != len(examples):  # config validation guarantees it: never train a partial step
         raise AssertionError(f"micro-batch {micro} x {accum} != {len(examples)} examples in the step")
     world = run.world
     run.optimizer.zero_grad(set_to_none=True)
-    n_label = dist_.sum_(world, _label_tokens(examples))
+    chunks = [examples[i * micro : (i + 1) * micro] for i in range(accum)]
+    counts = [_label_tokens(c) for c in chunks]
+    n_label = dist_.sum_(world, sum(counts))
     scale = world.size  # DDP's all-reduce and FSDP's reduce-scatter both divide by the world size
-    total = 0.0
-    for i in range(accum):
+    losses = []
+    for i, chunk in enumerate(chunks):
         with dist_.no_sync(run.model, last=i == accum - 1):
-            loss = forward_loss(run, collate(examples[i * micro : (i + 1) * micro], run.pad_id), n_label)
-            total += loss.item()
-            if not math.isfinite(total) and not world.several:
-                return total, 0  # (with several processes every rank must reach the all-reduce)
+            loss = forward_loss(run, collate(chunk, run.pad_id), counts[i] / n_label)
+            losses.append(loss.detach())
             run.scaler.scale(loss * scale if scale > 1 else loss).backward()
-    total = dist_.sum_(world, total)
     run.scaler.unscale_(run.optimizer)
     params = [p for p in run.model.parameters() if p.requires_grad]
     if hasattr(run.model, "clip_grad_norm_"):  # FSDP: each rank holds a shard; the norm is a collective
-        gn = float(run.model.clip_grad_norm_(run.plan.max_grad_norm.value))
+        gn = run.model.clip_grad_norm_(run.plan.max_grad_norm.value)
     else:
-        gn = float(torch.nn.utils.clip_grad_norm_(params, run.plan.max_grad_norm.value))
+        gn = torch.nn.utils.clip_grad_norm_(params, run.plan.max_grad_norm.value)
+    *parts, gn = read_back(run, [*losses, gn])
+    total = 0.0
+    for x in parts:  # summed in order, as each micro-batch's loss came: the same float, and the same
+        total += x  # first non-finite value, that reading them one by one gave
+        if not math.isfinite(total) and not world.several:
+            run.optimizer.zero_grad(set_to_none=True)  # a non-finite loss applies nothing; the run stops
+            return total, 0  # (with several processes every rank must reach the all-reduce below)
+    total = dist_.sum_(world, total)
     if math.isfinite(gn):
         run.scaler.step(run.optimizer)
     else:
@@ -240,6 +280,21 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
         warnings.simplefilter("ignore", UserWarning)
         run.scheduler.step()  # the schedule stays a function of the step, skipped or not
     return total, gn
+
+
+def read_back(run: Run, values: list) -> list[float]:
+    """Device scalars to Python floats in one transfer: the step's only wait for the device (its time is
+    `run.wait_s`). Stacked in the widest of their dtypes, so each float is what reading it alone gives."""
+    import torch
+
+    dtype = torch.float32
+    for v in values:
+        dtype = torch.promote_types(dtype, v.dtype)
+    dev = values[0].device
+    t0 = time.perf_counter()
+    out = torch.stack([v.detach().to(dev, dtype) for v in values]).tolist()
+    run.wait_s += time.perf_counter() - t0
+    return out
 
 
 def evaluate(run: Run) -> float | None:
@@ -254,25 +309,41 @@ def evaluate(run: Run) -> float | None:
     mine = run.eval if run.sharded else dist_.eval_shard(run.eval, world)
     # under DDP the peft model itself: its forward runs no collective, and the ranks' shares may differ
     on = run if run.sharded or run.core is run.model else dataclasses.replace(run, model=run.core)
-    run.model.eval()
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(mine), run.micro):
-            total += forward_loss(on, collate(mine[i : i + run.micro], run.pad_id), n_label).item()
-    run.model.train()
-    return total if run.sharded else dist_.sum_(world, total)
+    with run.timings.phase("eval"):
+        run.model.eval()
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(mine), run.micro):
+                chunk = mine[i : i + run.micro]
+                parts.append(forward_loss(on, collate(chunk, run.pad_id), _label_tokens(chunk) / n_label))
+        total = sum(read_back(run, parts)) if parts else 0.0  # one wait for the device, not one a batch
+        run.model.train()
+        return total if run.sharded else dist_.sum_(world, total)
 
 
 def nonfinite_params(run: Run) -> list[str]:
-    """Names of trainable tensors holding NaN or inf (LoRA tensors: small, checked before every save)."""
+    """Names of trainable tensors holding NaN or inf (LoRA tensors: small, checked before every save, with
+    one read of the device for all of them)."""
     import torch
 
-    return [n for n, p in run.core.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    named = [(n, p) for n, p in run.core.named_parameters() if p.requires_grad]
+    if not named:
+        return []
+    if len({p.device for _, p in named}) == 1:
+        ok = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+    else:
+        ok = [bool(torch.isfinite(p).all()) for _, p in named]
+    return [n for (n, _), fine in zip(named, ok, strict=True) if not fine]
 
 
 def save_checkpoint(run: Run) -> None:
     """Every rank takes part (the RNG states, and under FSDP the gathered adapter and optimizer state);
     rank 0 writes; the others wait until the checkpoint is complete."""
+    with run.timings.phase("checkpoint"):
+        _save_checkpoint(run)
+
+
+def _save_checkpoint(run: Run) -> None:
     bad = nonfinite_params(run)
     if dist_.max_(run.world, int(bool(bad))):  # under FSDP each rank sees only its shard
         raise StopRun(
@@ -288,6 +359,7 @@ def save_checkpoint(run: Run) -> None:
         extra["adapter_state"], extra["optimizer_state"] = dist_.full_state(run.model, run.optimizer,
                                                                           run.device != "cpu")
     if run.world.main:
+        flush_metrics(run)  # the lines up to this step are on disk before the checkpoint that keeps them
         checkpoint.save(
             run.output,
             run.core,
@@ -312,10 +384,23 @@ def _metric(run: Run, rec: dict) -> None:
     run.history.append(rec)
     if not run.world.main:
         return
-    with open(run.output / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(strict_json.dumps(rec) + "\n")
+    run.pending.append(strict_json.dumps(rec) + "\n")
+    if time.perf_counter() - run.flushed_at >= METRICS_FLUSH_S:
+        flush_metrics(run)
     if run.report is not None:
         run.report.write(rec)
+
+
+def flush_metrics(run: Run) -> None:
+    """Append the pending metric lines to metrics.jsonl (and flush the --report-to writer)."""
+    run.flushed_at = time.perf_counter()
+    if run.report is not None:
+        run.report.flush()
+    if not run.pending:
+        return
+    with open(run.output / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write("".join(run.pending))
+    run.pending.clear()
 
 
 def fit(run: Run, progress) -> None:
@@ -333,6 +418,8 @@ def fit(run: Run, progress) -> None:
                 save_checkpoint(run)
                 raise Interrupted(run.step, run.stop_requested)
             t0 = time.perf_counter()
+            off0 = run.timings.eval_s + run.timings.checkpoint_s
+            run.wait_s = 0.0
             examples = [run.train[i] for i in step_indices(len(run.train), batch, run.step, run.seed)]
             mine = dist_.shard(examples, run.world)
             if run.world.several:
@@ -351,6 +438,7 @@ def fit(run: Run, progress) -> None:
                         run.step + 1, loss, run.plan.dtype.value, run.scheduler.get_last_lr()[0], last_finite
                     )
                 )
+            waited = run.wait_s  # the step's own wait (an evaluation below reads the device too)
             last_finite = loss
             run.step += 1
             skipped = not math.isfinite(gnorm)
@@ -388,8 +476,12 @@ def fit(run: Run, progress) -> None:
                 save_checkpoint(run)
             if run.stop_after is not None and run.step >= run.stop_after and not run.stop_requested:
                 run.stop_requested = "SIGINT"
+            off = run.timings.eval_s + run.timings.checkpoint_s - off0
+            run.timings.add_step(time.perf_counter() - t0 - off, waited)
         save_checkpoint(run)
     finally:
+        if run.world.main:
+            flush_metrics(run)
         for signum, handler in prev.items():
             signal.signal(signum, handler)
 
@@ -500,6 +592,8 @@ def progress_bar(stream=None):
             stream.write("\r" + line + ("\n" if run.step == steps else ""))
         elif run.step in (1, steps) or run.step % (run.log_every or max(1, steps // 10)) == 0 or ev:
             stream.write(line + "\n")
+        else:
+            return
         stream.flush()
 
     return show

@@ -112,7 +112,9 @@ def run(
 
     t0 = time.perf_counter()
     progress("checking the machine (as `qdoctor check --deep`)")
-    facts = collect(deep=True)
+    # --skip-probes on a machine without a GPU: `train` has imported torch already, so what the deep child
+    # would report about torch is read in this process instead of importing it again (seconds, uncached)
+    facts = collect(deep=True, in_process=skip_probes)
     # the user's --device checked as `smoke --device` is, or the default: the first *visible* GPU
     # torch can use, else the CPU (never a GPU that CUDA_VISIBLE_DEVICES hides)
     try:

@@ -45,7 +45,12 @@ class TensorBoardWriter:
             v = rec.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 self.writer.add_scalar(tag, v, step)
-        self.writer.flush()  # a run can end at any step (Ctrl-C, a NaN stop): nothing waits in memory
+
+    def flush(self) -> None:
+        """To disk: the loop calls it with metrics.jsonl's own flush (every few seconds, before each
+        checkpoint, and when the loop ends, however it ends), not on every step."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

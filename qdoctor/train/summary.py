@@ -26,8 +26,10 @@ def peak_memory_gib(device: str) -> dict:
 
 
 def build(
-    *, plan, fingerprint, history, run, wall_s, status, output, adapter_dir, first_eval, data=None
+    *, plan, fingerprint, history, run, wall_s, status, output, adapter_dir, first_eval, data=None,
+    timings=None,
 ) -> dict:
+    """`timings`: where this process's wall time went (qdoctor.train.timings), or None."""
     losses = [h["loss"] for h in history if h.get("loss") is not None]
     evals = [h["eval_loss"] for h in history if h.get("eval_loss") is not None]
     tail = losses[-FINAL_LOSS_STEPS:]
@@ -45,6 +47,7 @@ def build(
         "final_eval_loss": evals[-1] if evals else None,
         "train_time_s": round(run.elapsed, 3),
         "wall_time_s": round(wall_s, 3),
+        "timings": timings,
         "tokens": run.tokens,
         "tokens_per_s": round(run.tokens / run.elapsed, 1) if run.elapsed else None,
         "peak_memory": peak_memory_gib(plan.device.value),
