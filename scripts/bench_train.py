@@ -318,7 +318,8 @@ def embedded_run(workdir: Path, env: dict, timeout: float) -> dict:
     per_step = [s["tokens"] / s["tokens_per_s"] for s in steps if s.get("tokens_per_s")]
     rec.update({"status": summ["status"], "steps": summ["steps"], "tok_s": round(summ["tokens_per_s"] or 0),
                 "wall_s": summ["wall_time_s"], "median_step_s": round(statistics.median(per_step), 4),
-                "first_loss": summ["first_loss"], "final_loss": summ["final_loss"]})
+                "first_loss": summ["first_loss"], "final_loss": summ["final_loss"],
+                "timings": summ.get("timings")})
     return rec
 
 
