@@ -369,7 +369,7 @@ def main() -> None:
     ap.add_argument("--snapshot", action="store_true",
                     help="qdoctor's contender: also break down what is allocated at the peak of one step")
     ap.add_argument("--models", default="1b")
-    ap.add_argument("--shapes", default="8x1024,2x4096")
+    ap.add_argument("--shapes", default="8x1024,2x4096", help="'none': only --maxseq / --embedded")
     ap.add_argument("--contenders", default="plain,unsloth,qdoctor")
     ap.add_argument("--variants", default="plan")
     ap.add_argument("--peers", default=None, help="folder with plain_loop.py and unsloth_loop.py")
@@ -397,7 +397,7 @@ def main() -> None:
         mdir = make_model(name, workdir)
         mcfg = json.loads((mdir / "config.json").read_text())
         runs = []
-        for c in a.contenders.split(","):
+        for c in a.contenders.split(",") if a.shapes not in ("", "none") else []:
             if c == "qdoctor":
                 for v in a.variants.split(","):
                     runs.append((c, v, [sys.executable, __file__, "--worker", "--model", str(mdir),
