@@ -206,8 +206,8 @@ def test_estimate_predicts_the_model_it_was_not_fitted_on(fit_on, held_out, monk
 
 @pytest.mark.parametrize("row", [r for r in memory.CALIBRATION if r[4] != "upcast"], ids=lambda r: r[4])
 def test_single_row_paths_reproduce_the_row_they_come_from(row):
-    """"eager" and "fused" each have one measured row, from which their constant is computed: this only
-    guards the constant against an edit that forgets the row (no held-out row exists for them yet)."""
+    """"eager" and "fused" have measured rows from which their constants are computed: this only
+    guards the constants against an edit that forgets a row (held-out rows: HELD_OUT_FUSED)."""
     shape, mb, seq, ck, path, measured, _source = row
     est = memory.estimate(memory.Shape(**shape), micro_batch=mb, seq_len=seq, checkpointing=ck, path=path,
                           fused_loss=path == "fused")

@@ -32,12 +32,17 @@ OPTIM_STATE_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "cpu_adamw": 0, "ad
 # the lean eager path, and the fused path (compiled layers and/or liger kernels)
 ACT_BYTES = {"upcast": 20.0, "eager": 10.8, "fused": 9.16}
 LOGIT_BYTES = 10
+# with checkpointing, outside the fp32-upcast path: each layer keeps its bf16 input (2 x hidden bytes per
+# token) and the layer being recomputed plus its backward take CKPT_LAYER_BYTES x (hidden + intermediate);
+# fitted to qdoctor's path at micro-batch 1 on 6.7B (bench/results/h200-2026-11-29-longest.json)
+CKPT_LAYER_BYTES = 15.6
 
 SHAPE_1B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 SHAPE_7B = dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
 PLAIN_LOOP_H200 = "docs/memory-calibration.md (plain loop with prepare_model_for_kbit_training, H200)"
 BENCH_H200 = "bench/results/h200-2026-11-29-call1.json and -call2.json (qdoctor's path, H200)"
 BENCH_H200_TRAIN = "bench/results/h200-2026-11-29-trainmode.json (qdoctor's path in training mode, H200)"
+BENCH_H200_LONG = "bench/results/h200-2026-11-29-longest.json (qdoctor's path, checkpointing, H200)"
 # (shape, micro_batch, seq_len, checkpointing, path, measured peak GiB, source)
 CALIBRATION = [
     (SHAPE_1B, 8, 1024, True, "upcast", 6.1, PLAIN_LOOP_H200),
@@ -50,6 +55,8 @@ CALIBRATION = [
     (SHAPE_7B, 2, 4096, False, "upcast", 93.7, PLAIN_LOOP_H200),
     (SHAPE_1B, 8, 1024, False, "eager", 17.16, BENCH_H200),
     (SHAPE_1B, 8, 1024, False, "fused", 12.63, BENCH_H200_TRAIN),
+    (SHAPE_7B, 1, 8192, True, "fused", 7.68, BENCH_H200_LONG),
+    (SHAPE_7B, 1, 16384, True, "fused", 11.38, BENCH_H200_LONG),
 ]
 # held out (not used to fit ACT_BYTES): the plan's path on other shapes, in the same training-mode run
 # (shape, micro_batch, seq_len, packed, measured peak GiB)
@@ -155,8 +162,11 @@ def estimate(
     n_lora = shape.lora_params(lora_r) / shards
     tokens = micro_batch * seq_len
     per_layer = ACT_BYTES[path] * (shape.hidden + shape.intermediate) * tokens
-    if checkpointing:
+    if checkpointing and path == "upcast":
         act = shape.layers * 4 * shape.hidden * tokens + per_layer
+    elif checkpointing:
+        act = (shape.layers * DTYPE_BYTES.get(dtype, 2) * shape.hidden
+               + CKPT_LAYER_BYTES * (shape.hidden + shape.intermediate)) * tokens
     else:
         act = shape.layers * per_layer
     if packed:

@@ -374,7 +374,7 @@ COMPILE_MIN_PARAMS = 0.3e9  # below this, compiling (20-40 s once) costs more th
 
 
 def _speed_measured() -> str:
-    return "H200, 1.1B, 8x1024: 28.5k tok/s lean, 40.4k compiled, 56.4k compiled + fused loss (bench/results)"
+    return "H200, 1.1B, 8x1024: 28.5k tok/s lean, 40.4k compiled (bench/NOTES.md)"
 
 
 def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice[str]:
@@ -385,7 +385,8 @@ def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice
         return Choice("none", "set by you")
     if missing is None:
         return Choice("liger", "fused linear + cross-entropy (liger-kernel): the full-vocabulary logits are "
-                      "never materialised" + ("" if cfg.fused_loss == "auto" else "; set by you"))
+                      "never materialised (H200, 6.7B, 8x1024: 37.2 GiB instead of 39.3, 2% slower; "
+                      "bench/NOTES.md)" + ("" if cfg.fused_loss == "auto" else "; set by you"))
     if cfg.fused_loss == "liger":
         return Choice("none", f"liger asked for, but {missing}: the standard loss instead")
     return Choice("none", f"standard loss: {missing}")
