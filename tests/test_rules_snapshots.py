@@ -396,9 +396,10 @@ VARIANTS = {
                 "bitsandbytes.selected_exists": False,
             },
         ),
-        {"QD402"},
+        {"QD402", "QD510"},  # QD510: the H200's verified matrix measured this combination broken
         set(),
-        {"QD402": ["cuda130", "bitsandbytes>=0.48.0", "Configured CUDA binary"]},
+        {"QD402": ["cuda130", "bitsandbytes>=0.48.0", "Configured CUDA binary"],
+         "QD510": ["verified broken on linux-x86_64-cuda-sm_90", "bnb_native_loaded"]},
     ),
     "bnb-no-lib-matrix": (
         variant(

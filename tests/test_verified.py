@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cli_support import qd
 
-from qdoctor import matrix, verified
+from qdoctor import causes, matrix, verified
 from qdoctor.facts.schema import normalize
 from qdoctor.rules import judge
 
@@ -218,3 +218,17 @@ def test_a_package_pip_replaced_is_hidden_from_the_base(tmp_path, monkeypatch):
     left = sorted(p.name for p in (env / "base").iterdir())
     assert left == ["functorch", "torch", "torch-2.13.0.dist-info"]
     assert vm._top_level(real / "torch-2.13.0.dist-info") == {"torch", "functorch"}
+
+
+def test_the_h200_measurement_folds_under_the_loader_rule_that_predicts_it():
+    """The recorded H200 result for bitsandbytes 0.47.0 on a CUDA 13.0 torch (no cuda130 library) is an
+    error of its own, with the version-table rule (QD402) named as its cause."""
+    from test_rules_snapshots import VARIANTS
+
+    doc = verified.load("linux-x86_64-cuda-sm_90")
+    assert doc["machine"] and len(doc["results"]) >= 4 and all(r.get("agrees") for r in doc["results"])
+    facts = normalize(copy.deepcopy(VARIANTS["bnb-no-lib-facts"][0]))
+    m = matrix.load()
+    fs = {f.code: f for f in causes.link(judge(facts, m), m)}
+    assert fs["QD510"].severity == "error" and fs["QD510"].caused_by == "QD402", fs.get("QD510")
+    assert "bnb_native_loaded" in fs["QD510"].title and fs["QD510"].fix is None
