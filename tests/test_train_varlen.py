@@ -116,7 +116,9 @@ def test_varlen_is_planned_for_packed_rows_where_it_can_run_and_its_mask_leaves_
     dense = _plan(h200, packing=True, seq_len=4096, batch_size=2, attention="sdpa")
     mask = 2 * SHAPE_1B.heads * 4096**2 * 2 / memory.GIB  # the dense mask SDPA expands
     assert dense.memory.estimate.total_gib - packed.memory.estimate.total_gib == pytest.approx(mask)
-    assert _plan(h200).attention.value == "sdpa"  # unpacked rows: SDPA's causal flash path measured faster
+    unpacked = _plan(h200)  # unpacked rows: SDPA's causal flash path measured faster
+    assert unpacked.attention.value == "sdpa" and "faster than variable-length" in unpacked.attention.reason
+    assert "variable-length" not in _plan(_facts("cpu-ci-machine.json")).attention.reason  # not an option
     rows = _plan(h200, attention="varlen")  # asked for: each row (and its padding) a sequence of its own
     assert rows.attention.value == "varlen" and "each row" in rows.attention.reason
     assert rows.memory.estimate.total_gib == _plan(h200).memory.estimate.total_gib

@@ -627,12 +627,13 @@ def choose_attention(cfg: TrainConfig, facts: dict, device: str, dtype: str) -> 
 
     if cfg.attention in ("sdpa", "eager"):
         return Choice(cfg.attention, "set by you")
-    if not cfg.packing and cfg.attention == "auto":  # measured: SDPA's causal flash path is faster there
-        return Choice("sdpa", "torch scaled_dot_product_attention (fused kernels, exact); on unpacked rows "
-                      f"faster than variable-length attention ({_sdpa_measured()})")
     tv = (facts.get("torch") or {}).get("version") or (facts.get("packages") or {}).get("torch")
     cc = _cc(_gpu(facts, device)) if device.startswith("cuda") else None
     missing = speed.varlen_missing(device, dtype, tv, cc)
+    if not cfg.packing and cfg.attention == "auto":  # measured: SDPA's causal flash path is faster there
+        vs = f"; on unpacked rows faster than variable-length attention ({_sdpa_measured()})"
+        return Choice("sdpa", "torch scaled_dot_product_attention (fused kernels, exact)"
+                      + (vs if missing is None else ""))
     mine = "" if cfg.attention == "auto" else "; set by you"
     if missing is None:
         what = "each packed document attends only to itself, with no dense mask" if cfg.packing else (
