@@ -21,12 +21,16 @@ Variants of qdoctor's path (comma-separated, each its own process):
   liger+compile
   flce+compile  lean + liger's fused linear cross-entropy only, the rest left to torch.compile
   +flex     (suffix) attn_implementation="flex_attention"
+  plan-dense  the plan, but SDPA with a dense document mask for packed rows instead of varlen attention
+The model runs in training mode, as loop.fit runs it (liger's fused loss skips the logits only there).
 Packed shapes (seq > 1024) are fed as documents of 256-2048 tokens packed into full rows, as qdoctor's
 packing lays them out, so its document-masked attention is what is timed (the peers attend across the
 whole row).
 
 --embedded also runs `qdoctor train` end to end on the embedded tiny model (what a first-time user runs)
 and records wall time, tokens/s and the per-step time, which on a tiny model is host overhead.
+--maxseq N,N runs one step at micro-batch 1 at each length with each contender's memory-saving mode and
+fits a line through the peaks to the GPU's memory; --snapshot breaks down qdoctor's peak by allocation site.
 """
 
 from __future__ import annotations

@@ -441,10 +441,10 @@ def _attn_implementation(plan) -> str:
     return plan.attention.value
 
 
-def apply_speed(model, plan, notify=None) -> None:
+def apply_speed(model, plan) -> None:
     """The speed means the plan chose (qdoctor.train.speed); each was checked available when planned.
     Variable-length attention is also self-checked on the device here: if it disagrees with SDPA the model
-    goes back to SDPA (packed rows then get transformers' dense document mask) and `notify` says why."""
+    goes back to SDPA (packed rows then get transformers' dense document mask), with a warning saying why."""
     from qdoctor.train import speed
 
     if plan.attention.value == "varlen":
@@ -455,8 +455,7 @@ def apply_speed(model, plan, notify=None) -> None:
         why = speed.varlen_self_check(str(dev), dtype)
         if why:
             model.set_attn_implementation("sdpa")
-            (notify or (lambda m: warnings.warn(m, stacklevel=2)))(f"{why}: SDPA with a dense document "
-                                                                   "mask instead")
+            warnings.warn(f"{why}: SDPA with a dense document mask instead", stacklevel=2)
     if plan.fused_loss.value == "liger":
         speed.apply_liger(model, model.config.model_type, parts=("fused_linear_cross_entropy",))
     if plan.compile.value:

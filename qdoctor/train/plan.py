@@ -442,7 +442,7 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float,
-              fused: bool = False, world: int = 1, shards: int = 1, dense_mask: bool | None = None):
+              fused: bool = False, world: int = 1, shards: int = 1, dense_mask: bool = False):
     """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails.
     `batch` is what one process takes of each step (the effective batch / world)."""
     ck_opts = {"auto": (False, True), "on": (True,), "off": (False,)}[cfg.gradient_checkpointing]
@@ -462,7 +462,7 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 optimizer=optimizer,
                 lora_r=cfg.lora_r,
                 fused_loss=fused,
-                packed=cfg.packing if dense_mask is None else dense_mask,
+                packed=dense_mask,
                 shards=shards,
             )
             if est.total_gib <= budget:
@@ -500,7 +500,7 @@ class Fit:
 
 
 def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int, tokens: int,
-               fused: bool, world: int = 1, shards: int = 1, dense_mask: bool | None = None) -> Fit:
+               fused: bool, world: int = 1, shards: int = 1, dense_mask: bool = False) -> Fit:
     """The first optimizer (best first) with a micro-batch that fits the budget; the largest such micro-batch,
     without checkpointing where that fits. When nothing fits: the best optimizer at micro-batch 1 (or the
     one set), with `fits` False. `batch` is one process's share of a step; `shards` > 1 is FSDP."""
@@ -514,7 +514,7 @@ def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str
     mb, ck = batch_split(cfg, world)[1] or 1, cfg.gradient_checkpointing != "off"
     est = memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=ck, quantization=quant,
                           dtype=dtype, optimizer=chain[0].value, lora_r=cfg.lora_r, fused_loss=fused,
-                          packed=cfg.packing if dense_mask is None else dense_mask, shards=shards)
+                          packed=dense_mask, shards=shards)
     return Fit(chain[0], mb, ck, est, budget, why, False)
 
 
@@ -527,7 +527,7 @@ def _accelerate_fsdp(environ) -> bool:
 
 
 def choose_parallel(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int,
-                    tokens: int, fused: bool, world: int, environ=None, dense_mask: bool | None = None
+                    tokens: int, fused: bool, world: int, environ=None, dense_mask: bool = False
                     ) -> tuple[Choice[Parallel], Fit]:
     """One process; or several, each holding the whole 4-bit model (DDP: the fastest, when it fits), or a
     shard of it (FSDP-QLoRA: when one GPU cannot hold the model and a micro-batch, or when asked). Returns
@@ -650,7 +650,7 @@ def choose_attention(cfg: TrainConfig, facts: dict, device: str, dtype: str) -> 
 
 def _sdpa_measured() -> str:
     return "H200, 1.1B, 8x1024: 35.9k tok/s with varlen in training mode, 44.0k with SDPA in eval mode, " \
-        "where varlen lost 10% on packed rows; bench/NOTES.md"
+        "while training mode itself cost packed rows 10%; bench/NOTES.md"
 
 
 def _varlen_measured() -> str:
