@@ -213,6 +213,11 @@ def worker(a) -> None:
                            embedded=False, n_train=10_000, max_len=seq, model_type=mcfg["model_type"])
         if "flex" in variant:
             plan.attention.value = "flex_attention"
+        if "vdis" in variant and not getattr(speed.varlen_attention, "_eager", False):
+            # experiment: variable-length attention outside the compiled layer graphs (a graph break), to
+            # see whether the tensors inductor saves around it are what costs memory
+            speed.varlen_attention = torch.compiler.disable(speed.varlen_attention)
+            speed.varlen_attention._eager = True
         if model is None:
             t0 = time.perf_counter()
             model, _ = M.load_for_training(src, plan, 0)

@@ -2,12 +2,15 @@
 calls by cumulative time (arguments after the script's name go to `qdoctor train`).
 
     python scripts/profile_train.py --skip-probes --output /tmp/run-prof
+
+PROFILE_DUMP=FILE also writes the raw statistics (pstats format) there.
 """
 
 from __future__ import annotations
 
 import cProfile
 import io
+import os
 import pstats
 import sys
 
@@ -23,6 +26,8 @@ def main() -> None:
         pass
     finally:
         prof.disable()
+    if os.environ.get("PROFILE_DUMP"):
+        prof.dump_stats(os.environ["PROFILE_DUMP"])
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(45)
     print(buf.getvalue(), file=sys.stderr)

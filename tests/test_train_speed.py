@@ -61,6 +61,20 @@ def test_cpu_small_models_no_compiler_and_unmeasured_modes_fall_back_with_a_reas
     assert other.fused_loss.value == "none" and "gpt2" in other.fused_loss.reason
 
 
+def test_a_small_model_with_small_logits_keeps_the_standard_loss():
+    gpu = _with(_facts("h200-cu130.json"), **{"liger-kernel": "0.8.5"})
+    tiny = memory.Shape(hidden=256, intermediate=688, layers=4, heads=4, kv_heads=4, vocab=4096)
+    small = _plan(gpu, TrainConfig(seq_len=256), shape=tiny, embedded=True)
+    assert small.fused_loss.value == "none" and "small" in small.fused_loss.reason
+    # the same small model with a vocabulary whose logits are large keeps the fused loss
+    big_vocab = memory.Shape(hidden=256, intermediate=688, layers=4, heads=4, kv_heads=4, vocab=152_000)
+    assert _plan(gpu, TrainConfig(seq_len=1024), shape=big_vocab).fused_loss.value == "liger"
+    # a 1.1B model is not small
+    assert _plan(gpu, TrainConfig(seq_len=256)).fused_loss.value == "liger"
+    # asked for explicitly: what the user asked
+    assert _plan(gpu, TrainConfig(seq_len=256, fused_loss="liger"), shape=tiny).fused_loss.value == "liger"
+
+
 def test_explicit_choices_win_and_an_impossible_one_says_why():
     gpu = _facts("h200-cu130.json")  # no liger installed
     p = _plan(gpu, TrainConfig(fused_loss="liger", compile="off"))

@@ -377,12 +377,34 @@ def _speed_measured() -> str:
     return "H200, 1.1B, 8x1024: 28.5k tok/s lean, 40.4k compiled (bench/NOTES.md)"
 
 
-def choose_fused_loss(cfg, facts, device: str, model_type: str | None) -> Choice[str]:
+# Below COMPILE_MIN_PARAMS, liger's first-use cost (Triton compiles its kernels) is more than a short run
+# saves when the logits it avoids are this small
+SMALL_LOGITS_GIB = 0.25
+
+
+def _small_run(shape, gib: float) -> bool:
+    return shape is not None and shape.total_params() < COMPILE_MIN_PARAMS and gib < SMALL_LOGITS_GIB
+
+
+def _small_measured() -> str:
+    return "H200, the embedded default: 21.6 s with the standard loss, 24.0 s with liger's, process wall; " \
+        "bench/NOTES.md"
+
+
+def choose_fused_loss(cfg, facts, device: str, model_type: str | None, shape=None,
+                      tokens: int = 0) -> Choice[str]:
+    """`shape` and `tokens` (one process's tokens per optimizer step, an upper bound on a micro-step's): a
+    small model whose logits are small keeps the standard loss (see SMALL_LOGITS_GIB)."""
     from qdoctor.train import speed
 
     missing = speed.liger_missing(device, model_type, facts.get("packages"))
     if cfg.fused_loss == "none":
         return Choice("none", "set by you")
+    logits_gib = memory.LOGIT_BYTES * (shape.vocab if shape else 0) * tokens / memory.GIB
+    if missing is None and cfg.fused_loss == "auto" and _small_run(shape, logits_gib):
+        return Choice("none", f"standard loss: the logits of a model this small take {logits_gib * 1024:.0f} "
+                      "MiB, and liger's kernels are compiled on first use, which costs more than they save "
+                      f"here ({_small_measured()})")
     if missing is None:
         return Choice("liger", "fused linear + cross-entropy (liger-kernel): the full-vocabulary logits are "
                       "never materialised (H200, 6.7B, 8x1024: 37.2 GiB instead of 39.3, 2% slower; "
@@ -744,7 +766,8 @@ def make_plan(
     batch = choose_batch(cfg, world)
     seq_len = choose_seq_len(cfg, max_positions)
     tokens = seq_len.value if cfg.packing else min(seq_len.value, max_len or seq_len.value)
-    fused = choose_fused_loss(cfg, facts, device.value, model_type)
+    per_rank = batch.value // world
+    fused = choose_fused_loss(cfg, facts, device.value, model_type, shape, per_rank * tokens)
     attention = choose_attention(cfg, facts, device.value, dtype.value)
     parallel, fit = choose_parallel(cfg, facts, probes, shape, device=device.value, dtype=dtype.value,
                                     quant=quant.value, batch=batch.value, tokens=tokens,
