@@ -126,3 +126,49 @@ def test_preflight_reuses_probes_only_while_fresh(tmp_path, monkeypatch):
     for f in (tmp_path / f"v{cache.VERSION}" / preflight.CACHE_KIND).iterdir():
         os.utime(f, (1, 1))  # older than cache.MAX_AGE_S
     assert not preflight.run(None).cached and runs == ["cpu", "cpu"]
+
+
+def _static(cached: bool, cuda: str | None = "13.0", gpus=({"visible": True},)):
+    return {"runtime": {"cached": cached}, "torch": {"cuda": cuda},
+            "nvidia": {"status": "ok", "gpus": list(gpus)}}
+
+
+def test_the_early_deep_child_is_the_one_the_deep_collect_uses(monkeypatch):
+    """train starts the deep child before its own imports; deep() must take that child's result and not
+    spawn a second one."""
+    import qdoctor.facts
+    from qdoctor.facts import runtime
+
+    spawned = []
+    monkeypatch.setattr(runtime, "_early", {})
+    monkeypatch.setattr(qdoctor.facts, "collect", lambda **kw: _static(False))
+    monkeypatch.setattr(runtime, "run_child", lambda timeout: spawned.append(timeout) or {
+        "runtime": {"ran": True, "status": "ok"}, "payload": {"torch": {}, "bitsandbytes": {}}})
+    monkeypatch.setattr(runtime.cache, "store", lambda *a, **k: True)
+    runtime.start_early(42.0)
+    facts = {"runtime": {}, "torch": {}, "bitsandbytes": {}}
+    runtime.deep(facts, 42.0)
+    assert spawned == [42.0] and facts["runtime"]["status"] == "ok"
+    runtime.deep(facts, 42.0)  # with no early child pending, deep() spawns its own
+    assert spawned == [42.0, 42.0]
+
+
+def test_no_early_child_where_the_deep_collect_would_not_spawn_one(monkeypatch):
+    import qdoctor.facts
+    from qdoctor.facts import runtime
+
+    spawned = []
+    monkeypatch.setattr(runtime, "run_child", lambda timeout: spawned.append(timeout) or {})
+    for static, in_process in ((_static(True), False),  # a fresh cached result
+                               (_static(False, cuda=None), True),  # --skip-probes, a CPU-only torch
+                               (_static(False, gpus=()), True)):  # --skip-probes, no GPU visible
+        monkeypatch.setattr(runtime, "_early", {})
+        monkeypatch.setattr(qdoctor.facts, "collect", lambda s=static, **kw: s)
+        runtime.start_early(5.0, in_process=in_process)
+        assert runtime._take_early(5.0) is None
+    assert spawned == []
+    monkeypatch.setattr(runtime, "_early", {})
+    monkeypatch.setattr(qdoctor.facts, "collect", lambda **kw: _static(False))
+    runtime.start_early(5.0, in_process=True)  # --skip-probes with a GPU: the child still runs
+    runtime._take_early(5.0)
+    assert spawned == [5.0]

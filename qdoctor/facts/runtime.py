@@ -223,9 +223,47 @@ def merge(facts: dict, result: dict) -> dict:
     return facts
 
 
+_early: dict = {}  # the child start_early() began: {"thread": Thread, "result": run_child's dict or None}
+
+
+def start_early(timeout: float, in_process: bool = False) -> None:
+    """Begin the deep child now, in a background thread, when a deep collect will follow in this process:
+    `train` imports torch, transformers and peft meanwhile, and on a fresh machine the child's import of
+    torch takes as long (H200: 12 s each; bench/NOTES.md). deep() waits for this child instead of starting
+    another. Nothing is spawned where the deep collect would not spawn one: a fresh cached result, or
+    `in_process` (train --skip-probes) on a machine without a GPU."""
+    if "thread" in _early:
+        return
+    import threading
+
+    def go():
+        from qdoctor.facts import _gpu_visible, collect
+
+        facts = collect()
+        if facts["runtime"].get("cached"):
+            return
+        no_gpu = not facts["torch"].get("cuda") or _gpu_visible(facts["nvidia"]) is False
+        if in_process and no_gpu:
+            return
+        _early["result"] = run_child(timeout)
+
+    t = threading.Thread(target=go, daemon=True, name="qdoctor-deep-facts")
+    _early["thread"] = t
+    t.start()
+
+
+def _take_early(timeout: float) -> dict | None:
+    t = _early.pop("thread", None)
+    if t is None:
+        return None
+    t.join(timeout + 30)
+    return _early.pop("result", None)
+
+
 def deep(facts: dict, timeout: float) -> dict:
-    """Run the child, cache its result under the environment fingerprint, merge it."""
-    result = run_child(timeout)
+    """Run the child (or take the one start_early began), cache its result under the environment
+    fingerprint, merge it."""
+    result = _take_early(timeout) or run_child(timeout)
     if result["runtime"]["status"] == "ok" and result.get("payload") is not None:
         cache.store(CACHE_KIND, cache.fingerprint(facts), result)
     return merge(facts, result)

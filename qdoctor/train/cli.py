@@ -182,6 +182,11 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
         _Rank.main = world.main
         cfg = C.build(C.load_toml(config_file) if config_file else None, flags)
         nproc = check_world(cfg, world)
+        if world.launcher is None:  # this process runs the pre-flight: its deep child starts now
+            from qdoctor.facts import runtime
+            from qdoctor.train.preflight import DEEP_TIMEOUT_S
+
+            runtime.start_early(DEEP_TIMEOUT_S, in_process=skip_probes)
         setup = prepare(cfg, resume, nproc)
     except (C.ConfigError, DataError, ModelError, RunDirError, CheckpointError, D.LaunchError) as e:
         _fail(str(e))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from qdoctor.findings import Finding
 
 CACHE_KIND = "train-preflight"
+DEEP_TIMEOUT_S = 60.0  # the deep facts child (qdoctor.facts.runtime): importing torch and bitsandbytes
 CPU_PROBES = ("imports", "nf4", "optim8bit")
 GPU_PROBES = ("imports", "device", "nf4", "matmul4bit", "optim8bit", "precision")
 
@@ -114,7 +115,7 @@ def run(
     progress("checking the machine (as `qdoctor check --deep`)")
     # --skip-probes on a machine without a GPU: `train` has imported torch already, so what the deep child
     # would report about torch is read in this process instead of importing it again (seconds, uncached)
-    facts = collect(deep=True, in_process=skip_probes)
+    facts = collect(deep=True, timeout=DEEP_TIMEOUT_S, in_process=skip_probes)
     # the user's --device checked as `smoke --device` is, or the default: the first *visible* GPU
     # torch can use, else the CPU (never a GPU that CUDA_VISIBLE_DEVICES hides)
     try:
