@@ -92,7 +92,17 @@ def offloading(checkpoint_fn, device_type: str = "cuda", min_bytes: int = MIN_BY
             return checkpoint_fn(function, *args, **kwargs)
 
     wrapped.qdoctor_offload = True
+    wrapped.qdoctor_stats = stats
     return wrapped
+
+
+def stats_of(model) -> Stats | None:
+    """The Stats `enable` returned for this model (None when its layers are not offloading)."""
+    for m in model.modules():
+        stats = getattr(getattr(m, "_gradient_checkpointing_func", None), "qdoctor_stats", None)
+        if stats is not None:
+            return stats
+    return None
 
 
 def _non_reentrant(fn) -> bool:
