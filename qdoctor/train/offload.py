@@ -14,9 +14,11 @@ that made the tensor and before any reuse of its GPU memory; the host-to-device 
 that reads it; torch keeps the pinned block until its copy has finished.
 
 Kept as they are: tensors on another device, small ones, parameters, and tensors that need no gradient.
-The last are the inputs every layer shares (RoPE tables, attention masks, position ids): one copy on the GPU
-serves all layers, while offloading would put one copy per layer in host memory. The hidden state, the
-only input that differs per layer, carries gradient.
+The last are inputs every layer shares (RoPE tables, attention masks, position ids): one copy on the GPU
+serves all layers, while offloading would put one copy per layer in host memory. transformers passes them
+as keyword arguments, bound outside the checkpoint, so today the hooks see only the hidden state (the one
+input that differs per layer, and carries gradient); the rule keeps it so for a layer that passes them
+positionally.
 
 Nothing here imports torch at import time.
 """
