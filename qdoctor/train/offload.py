@@ -60,7 +60,7 @@ def hooks(device_type: str = "cuda", min_bytes: int = MIN_BYTES, stats: Stats | 
     def pack(x):
         if not offloadable(x, device_type, min_bytes):
             return x
-        host = torch.empty_like(x, device="cpu", pin_memory=pin)
+        host = torch.empty(x.size(), dtype=x.dtype, pin_memory=pin)  # contiguous, as torch's save_on_cpu
         host.copy_(x, non_blocking=pin)
         if stats is not None:
             stats.tensors += 1
