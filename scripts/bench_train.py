@@ -58,6 +58,7 @@ SHAPES = {
            "--kv-heads", "32"],
 }
 MEM_CAP = str(ROOT / "scripts" / "mem_cap.py")
+EXPECT = "_expect_seqs"  # a run's lengths, so that those its process never reported are recorded as failed
 H200_BF16_TFLOPS = 989.5  # dense bf16 peak of an H100/H200 SXM (NVIDIA's H200 datasheet)
 
 
@@ -507,6 +508,14 @@ def longest_sequences(records: list[dict], total_gib: float | None, cap_gib: flo
     return res
 
 
+def missing_records(recs: list[dict], expect: list[int] | None, text: str) -> list[dict]:
+    """Records for the lengths a worker was given but never reported (its process died or timed out). Not
+    counted as out of GPU memory: a killed process says nothing about the GPU (the host may have run out)."""
+    have = {r.get("seq") for r in recs}
+    return [{"bs": 1, "seq": n, "error": f"no record: the process ended first ({text[-300:]})", "oom": False}
+            for n in expect or [] if n not in have]
+
+
 def build_runs(a, mdir: Path, unsloth: bool) -> list[tuple[str, str, list[str], dict]]:
     """The processes to run for one model: (contender, variant, command, fields every record of it gets).
     Under --mem-cap qdoctor's worker caps itself; a peer runs through scripts/mem_cap.py, unchanged."""
@@ -546,7 +555,8 @@ def build_runs(a, mdir: Path, unsloth: bool) -> list[tuple[str, str, list[str], 
         if c == "qdoctor":
             for v in a.maxseq_variants.split(","):
                 if ms(v):
-                    runs.append((c, "maxseq", worker(v, ms(v), "1", "0"), {"maxseq_mode": v}))
+                    runs.append((c, "maxseq", worker(v, ms(v), "1", "0"),
+                                 {"maxseq_mode": v, EXPECT: lengths_for(lens, v)}))
         elif c == "plain" and a.peers:
             for n in lengths_for(lens, "plain"):
                 cmd = peer("plain_loop.py", str(mdir), "--bs", "1", "--seq", str(n), "--gc", "1",
@@ -604,9 +614,12 @@ def main() -> None:
         runs = build_runs(a, mdir, bool(vers.get("unsloth")))
         for c, v, cmd, meta in runs:
             recs, text, dt = _run(cmd, a.timeout, env)
+            meta = dict(meta)
+            expect = meta.pop(EXPECT, None)
             if not recs:
                 recs = [{"error": text[-600:], "oom": _text_is_oom(text)}]
                 print(text[-3000:], file=sys.stderr)
+            recs += missing_records(recs, expect, text)
             breakdowns += [dict(r, model=name, variant=v) for r in recs if "breakdown" in r]
             recs = [r for r in recs if "breakdown" not in r]
             for r in recs:

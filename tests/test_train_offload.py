@@ -393,8 +393,18 @@ def test_maxseq_lengths_per_contender_and_the_commands_under_a_cap():
                        "--warm", "0"]
     q = [r for r in runs if r[0] == "qdoctor"]
     assert [r[3]["maxseq_mode"] for r in q] == ["ckpt", "offload"]
+    assert q[1][3][b.EXPECT] == [65536, 98304]
     assert q[1][2][q[1][2].index("--shapes") + 1] == "1x65536,1x98304"
     assert q[1][2][-2:] == ["--mem-cap", "24.0"] and q[1][2][q[1][2].index("--variant") + 1] == "offload"
+
+
+def test_lengths_a_dead_worker_never_reported_are_recorded_as_failed_not_as_out_of_memory():
+    b = load_script("bench_train")
+    got = [{"seq": 65536, "tok_s": 900, "peak_gib": 18.0}]
+    extra = b.missing_records(got, [65536, 98304, 131072], "Killed")
+    assert [r["seq"] for r in extra] == [98304, 131072]
+    assert all(r["error"].startswith("no record") and r["oom"] is False for r in extra)
+    assert b.missing_records(got, None, "") == []
 
 
 def test_mem_cap_sets_the_fraction_then_runs_the_script_with_its_argv(tmp_path, monkeypatch):
