@@ -309,7 +309,7 @@ def test_offload_on_cuda_trains_like_checkpointing_with_less_gpu_memory(torch):
     (l0, g0, p0, _), (l1, g1, p1, stats) = results[False], results[True]
     assert stats.tensors == 8 and stats.bytes == 8 * 2 * 2048 * 1024 * 4
     assert l1 == pytest.approx(l0, rel=1e-6)
-    assert all(torch.allclose(g1[k], g0[k], rtol=1e-5, atol=1e-7) for k in g0)
+    assert all(torch.allclose(g1[k], g0[k], rtol=1e-5, atol=1e-6) for k in g0)
     assert p1 < p0 - 64 * 2**20, (p0 / 2**20, p1 / 2**20)
 
 
