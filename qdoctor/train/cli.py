@@ -143,7 +143,9 @@ Exit codes: 0 done, 1 refused or stopped with a diagnosis, 2 bad input
 @_opt("--quantization", metavar=_choice("quantization"), default_text="auto: nf4 when its probes pass")
 @_opt("--optimizer", metavar=_choice("optimizer"), default_text="auto: by probes and memory")
 @_opt("--gradient-checkpointing", metavar=_choice("gradient_checkpointing"),
-      default_text="auto: on when activations do not fit")
+      default_text="auto: on when activations do not fit, offload when even that does not",
+      help="Recompute each decoder layer in backward; offload also keeps each layer's input in pinned host "
+           "memory (GPU only), for the longest sequences.")
 @_opt("--attention", metavar=_choice("attention"),
       default_text="auto: varlen for packed rows on a GPU, else sdpa")
 @_opt("--fused-loss", metavar=_choice("fused_loss"), default_text="auto: liger-kernel where it is installed",

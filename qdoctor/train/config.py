@@ -48,7 +48,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     quantization: str = "auto"  # auto | nf4 | int8 | none
     optimizer: str = "auto"  # auto | paged_adamw_8bit | adamw_8bit | cpu_adamw | adamw
-    gradient_checkpointing: str = "auto"  # auto | on | off
+    gradient_checkpointing: str = "auto"  # auto | on | off | offload (layer inputs in pinned host memory)
     attention: str = "auto"  # auto | sdpa | eager | varlen
     fused_loss: str = "auto"  # auto | liger | none: fused linear + cross-entropy (never materialises logits)
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
@@ -68,7 +68,7 @@ CHOICES = {
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "quantization": ("auto", "nf4", "int8", "none"),
     "optimizer": ("auto", "paged_adamw_8bit", "adamw_8bit", "cpu_adamw", "adamw"),
-    "gradient_checkpointing": ("auto", "on", "off"),
+    "gradient_checkpointing": ("auto", "on", "off", "offload"),
     "attention": ("auto", "sdpa", "eager", "varlen"),
     "fused_loss": ("auto", "liger", "none"),
     "compile": ("auto", "on", "off"),

@@ -12,6 +12,9 @@
   it, the fp32 residual (4 x hidden) per layer plus one layer recomputed. Logits: vocab x 10 bytes per
   token (compute-dtype logits, their fp32 copy in the loss, and its gradient), none with a fused linear +
   cross-entropy loss.
+- Offloaded checkpointing (qdoctor.train.offload): the per-layer inputs move to pinned host memory
+  (`host_gib`, not part of the GPU total); the GPU keeps the recomputed layer. Arithmetic, not fitted: the
+  layer-input term it removes is the arithmetic one above, and no offloaded peak has been measured yet.
 
 ACT_BYTES per path is fitted to measured H200 peaks (NF4 + DQ, bf16, LoRA r=16 on all linear layers,
 PagedAdamW8bit): "upcast" to the plain loop with prepare_model_for_kbit_training, "eager" and "fused" to
@@ -22,6 +25,7 @@ estimate against them, and the benchmark checks it against every configuration i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 GIB = 1024**3
@@ -117,6 +121,7 @@ class Estimate:
     activations_gib: float
     logits_gib: float
     total_gib: float
+    host_gib: float = 0.0  # pinned host memory for offloaded layer inputs; not part of total_gib (the GPU's)
 
     def to_dict(self) -> dict:
         return {k: round(v, 3) for k, v in asdict(self).items()}
@@ -136,6 +141,7 @@ def estimate(
     fused_loss: bool = False,
     packed: bool = False,
     shards: int = 1,
+    offload: bool = False,
 ) -> Estimate:
     """path: "upcast" | "eager" | "fused" (None: path_of(quantization, dtype, fused_loss)).
     shards: FSDP over that many GPUs: each keeps 1/shards of the weights, the LoRA tensors and their optimizer
@@ -144,7 +150,12 @@ def estimate(
     measurement (no multi-GPU peak has been calibrated).
     packed: rows hold several documents, so attention gets a dense document mask, which SDPA expands to
     micro_batch x heads x seq x seq in the compute dtype (2.0 GiB at 2x4096 with 32 heads; measured on
-    the H200: +2.6 GiB on 1.1B, +2.0 GiB on 6.7B over the same tokens unpacked)."""
+    the H200: +2.6 GiB on 1.1B, +2.0 GiB on 6.7B over the same tokens unpacked).
+    offload (with checkpointing): each layer's input goes to pinned host memory; `host_gib` counts it as
+    torch's pinned-memory cache allocates it, each tensor rounded up to a power of two bytes
+    (CachingHostAllocator), so between 1x and 2x the tensors' own bytes. Arithmetic, not calibrated."""
+    if offload and not checkpointing:
+        raise ValueError("offload moves checkpointed layer inputs: it needs checkpointing")
     path = path or path_of(quantization, dtype, fused_loss)
     lin = shape.layers * shape.linear_params_per_layer()
     if quantization in BITS_PER_PARAM:
@@ -162,11 +173,16 @@ def estimate(
     n_lora = shape.lora_params(lora_r) / shards
     tokens = micro_batch * seq_len
     per_layer = ACT_BYTES[path] * (shape.hidden + shape.intermediate) * tokens
-    if checkpointing and path == "upcast":
-        act = shape.layers * 4 * shape.hidden * tokens + per_layer
+    # with checkpointing: one input per layer (the fp32 residual on the upcast path) + one layer recomputed
+    layer_input = (4 if path == "upcast" else DTYPE_BYTES.get(dtype, 2)) * shape.hidden * tokens
+    recomputed = per_layer if path == "upcast" else (
+        CKPT_LAYER_BYTES * (shape.hidden + shape.intermediate) * tokens)
+    host = 0
+    if checkpointing and offload:
+        act = recomputed
+        host = shape.layers * _pinned_bytes(layer_input)
     elif checkpointing:
-        act = (shape.layers * DTYPE_BYTES.get(dtype, 2) * shape.hidden
-               + CKPT_LAYER_BYTES * (shape.hidden + shape.intermediate)) * tokens
+        act = shape.layers * layer_input + recomputed
     else:
         act = shape.layers * per_layer
     if packed:
@@ -179,7 +195,12 @@ def estimate(
         activations_gib=act / GIB,
         logits_gib=logits / GIB,
     )
-    return Estimate(**parts, total_gib=sum(parts.values()))
+    return Estimate(**parts, total_gib=sum(parts.values()), host_gib=host / GIB)
+
+
+def _pinned_bytes(n: float) -> int:
+    """What torch's pinned-memory cache allocates for an n-byte tensor: the next power of two."""
+    return 1 << max(0, math.ceil(n) - 1).bit_length()
 
 
 def shape_from_config(cfg) -> Shape:

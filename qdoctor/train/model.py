@@ -418,6 +418,10 @@ def load_for_training(src: ModelSource, plan, seed: int, device: str | None = No
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         model.enable_input_require_grads()
+        if plan.gradient_checkpointing.value == "offload":
+            from qdoctor.train import offload
+
+            offload.enable(model, device_type=torch.device(device).type)
     lora = plan.lora.value
     torch.manual_seed(seed)
     cfg = LoraConfig(

@@ -78,7 +78,7 @@ class Plan:
     dtype: Choice[str]  # bf16 | fp16 | fp32
     quantization: Choice[str]  # nf4 | int8 | none
     optimizer: Choice[str]
-    gradient_checkpointing: Choice[bool]
+    gradient_checkpointing: Choice[bool | str]  # False | True | "offload" (layer inputs in host memory)
     attention: Choice[str]
     seq_len: Choice[int]
     batch_size: Choice[int]
@@ -123,6 +123,8 @@ class Plan:
                 f"GiB usable (weights {est.weights_gib:.2f}, LoRA {est.lora_gib:.3f}, optimizer "
                 f"{est.optimizer_gib:.3f}, activations {est.activations_gib:.2f}, logits "
                 f"{est.logits_gib:.2f}); model {m.params_b:.3f}B params; calibrated on {m.calibration}"
+                + (f"; plus {est.host_gib:.2f} GiB of host RAM for the offloaded layer inputs"
+                   if est.host_gib else "")
             )
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code} {f.title}" + (f" -> {f.fix}" if f.fix else ""))
@@ -464,21 +466,30 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float,
-              fused: bool = False, world: int = 1, shards: int = 1, dense_mask: bool = False):
-    """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 with checkpointing fails.
-    `batch` is what one process takes of each step (the effective batch / world)."""
-    ck_opts = {"auto": (False, True), "on": (True,), "off": (False,)}[cfg.gradient_checkpointing]
+              fused: bool = False, world: int = 1, shards: int = 1, dense_mask: bool = False,
+              host_budget: float | None = None):
+    """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 in the leanest mode allowed
+    fails. `batch` is what one process takes of each step (the effective batch / world). checkpointing is
+    False, True, or "offload" (layer inputs in host memory), tried in that order under auto; offload only
+    where `host_budget` (GiB of host RAM for the layer inputs; None: offload not possible here) holds them."""
+    mode = cfg.gradient_checkpointing
+    ck_opts = {"auto": (False, True, "offload"), "on": (True,), "off": (False,),
+               "offload": ("offload", True)}[mode]
+    if host_budget is None:
+        ck_opts = tuple(c for c in ck_opts if c != "offload")
+    elif mode == "offload":
+        ck_opts = ("offload",)
     fixed = batch_split(cfg, world)[1]
     micros = [fixed] if fixed else _divisors_desc(batch)
     for ck in ck_opts:
         for mb in micros:
-            if not ck and cfg.gradient_checkpointing == "auto" and mb < min(batch, 4):
+            if not ck and mode == "auto" and mb < min(batch, 4):
                 break  # a tiny micro-batch wastes the device: checkpointing with a bigger one is faster
             est = memory.estimate(
                 shape,
                 micro_batch=mb,
                 seq_len=tokens,
-                checkpointing=ck,
+                checkpointing=bool(ck),
                 quantization=quant,
                 dtype=dtype,
                 optimizer=optimizer,
@@ -486,9 +497,41 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 fused_loss=fused,
                 packed=dense_mask,
                 shards=shards,
+                offload=ck == "offload",
             )
-            if est.total_gib <= budget:
+            if est.total_gib <= budget and (host_budget is None or est.host_gib <= host_budget):
                 return mb, ck, est
+    return None
+
+
+HOST_SHARE = 0.5  # of host RAM for offloaded layer inputs: the OS, data loader and model load need the rest
+
+
+def host_budget_gib(facts: dict, world: int = 1) -> tuple[float | None, str]:
+    """Host RAM the offloaded layer inputs of one process may take: half of it (and no more than is available,
+    where the facts record that), shared by the processes of the run. None when the RAM is unknown."""
+    plat = facts.get("platform") or {}
+    total, avail = plat.get("memory_total_mib"), plat.get("memory_available_mib")
+    if not total:
+        return None, "host RAM unknown"
+    gib, why = total / 1024 * HOST_SHARE, f"half of {total / 1024:.0f} GiB host RAM"
+    if avail and avail / 1024 < gib:
+        gib, why = avail / 1024, f"the {avail / 1024:.0f} GiB of host RAM available"
+    if world > 1:
+        gib, why = gib / world, why + f", shared by {world} processes"
+    return gib, why
+
+
+def offload_missing(device: str, host_gib: float | None, host_need_gib: float, micro: int = 1) -> str | None:
+    """Why offloaded checkpointing can't be used here, or None when it can. `host_need_gib`: the layer
+    inputs of the smallest micro-batch (`micro`) in host memory."""
+    if not device.startswith("cuda"):
+        return "on the CPU the activations are in host memory already"
+    if host_gib is None:
+        return "host RAM is unknown (no memory_total_mib in the facts)"
+    if host_need_gib > host_gib:
+        return (f"micro-batch {micro} puts {host_need_gib:.1f} GiB of layer inputs in host memory, more than "
+                f"{host_gib:.1f} GiB")
     return None
 
 
@@ -510,34 +553,58 @@ def choose_seq_len(cfg: TrainConfig, max_positions: int | None) -> Choice[int]:
 
 @dataclass(frozen=True)
 class Fit:
-    """The memory fit: one joint decision of optimizer, micro-batch and checkpointing."""
+    """The memory fit: one joint decision of optimizer, micro-batch and checkpointing (False, True, or
+    "offload": the layer inputs in host memory)."""
 
     optimizer: Choice[str]
     micro_batch: int
-    checkpointing: bool
+    checkpointing: bool | str
     estimate: memory.Estimate
     budget_gib: float
     budget: str
     fits: bool
+    ckpt_estimate: memory.Estimate | None = None  # the smallest micro-batch with ordinary checkpointing,
+    ckpt_micro: int = 1  # when offloaded (to say why)
+    host_budget_gib: float | None = None  # host RAM for offloaded layer inputs
+    host_budget: str = ""
+    offload_missing: str | None = None  # why offloading could not be used (when it was considered)
 
 
 def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int, tokens: int,
                fused: bool, world: int = 1, shards: int = 1, dense_mask: bool = False) -> Fit:
     """The first optimizer (best first) with a micro-batch that fits the budget; the largest such micro-batch,
-    without checkpointing where that fits. When nothing fits: the best optimizer at micro-batch 1 (or the
-    one set), with `fits` False. `batch` is one process's share of a step; `shards` > 1 is FSDP."""
+    without checkpointing where that fits, else with it, else (on a GPU, when host RAM holds them) with the
+    layer inputs in host memory. When nothing fits: the best optimizer at micro-batch 1 (or the one set) in
+    the leanest mode allowed, with `fits` False. `batch` is one process's share of a step; `shards` > 1 is
+    FSDP."""
     budget, why = _budget_gib(facts, device, world)
     chain = optimizer_chain(cfg, facts, probes, device, fsdp=shards > 1)
+    mb1 = batch_split(cfg, world)[1] or 1
+
+    def est(ck, opt, mb=mb1):
+        return memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=bool(ck),
+                               quantization=quant, dtype=dtype, optimizer=opt, lora_r=cfg.lora_r,
+                               fused_loss=fused, packed=dense_mask, shards=shards, offload=ck == "offload")
+
+    host, host_why = host_budget_gib(facts, world)
+    missing = None
+    if cfg.gradient_checkpointing in ("auto", "offload"):
+        missing = offload_missing(device, host, est("offload", chain[0].value).host_gib, mb1)
+    if missing and cfg.gradient_checkpointing == "offload" and host is None and device.startswith("cuda"):
+        missing, host = None, math.inf  # asked for: host RAM unknown is no reason to refuse it
+    host_ok = None if missing else host
+    extra = dict(host_budget_gib=host, host_budget=host_why, offload_missing=missing, ckpt_micro=mb1)
     for opt in chain:
         fit = fit_batch(shape, cfg, batch=batch, tokens=tokens, quant=quant, dtype=dtype, optimizer=opt.value,
-                        budget=budget, fused=fused, world=world, shards=shards, dense_mask=dense_mask)
+                        budget=budget, fused=fused, world=world, shards=shards, dense_mask=dense_mask,
+                        host_budget=host_ok)
         if fit is not None:
-            return Fit(opt, *fit, budget, why, True)
-    mb, ck = batch_split(cfg, world)[1] or 1, cfg.gradient_checkpointing != "off"
-    est = memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=ck, quantization=quant,
-                          dtype=dtype, optimizer=chain[0].value, lora_r=cfg.lora_r, fused_loss=fused,
-                          packed=dense_mask, shards=shards)
-    return Fit(chain[0], mb, ck, est, budget, why, False)
+            ckpt = est(True, opt.value) if fit[1] == "offload" else None
+            return Fit(opt, *fit, budget, why, True, ckpt_estimate=ckpt, **extra)
+    leanest = "offload" if host_ok is not None else True
+    ck = {"off": False, "on": True}.get(cfg.gradient_checkpointing, leanest)
+    ckpt = est(True, chain[0].value) if ck == "offload" else None
+    return Fit(chain[0], mb1, ck, est(ck, chain[0].value), budget, why, False, ckpt_estimate=ckpt, **extra)
 
 
 FSDP_QUANT = ("nf4", "none")  # bitsandbytes' int8 weights have no storage dtype FSDP can flatten
@@ -633,12 +700,36 @@ def choose_grad_accum(cfg: TrainConfig, batch: int, micro: int, world: int = 1) 
     return Choice(accum, why)
 
 
-def choose_checkpointing(cfg: TrainConfig, fit: Fit) -> Choice[bool]:
-    if cfg.gradient_checkpointing != "auto":
+def choose_checkpointing(cfg: TrainConfig, fit: Fit, shape: memory.Shape | None = None,
+                         tokens: int | None = None) -> Choice[bool | str]:
+    """False, True (non-reentrant), or "offload": checkpointing with each layer's input in pinned host
+    memory (qdoctor.train.offload), chosen by itself only when micro-batch 1 with checkpointing won't fit."""
+    asked = cfg.gradient_checkpointing
+    if asked == "offload" and fit.checkpointing != "offload":
+        return Choice(fit.checkpointing, f"offload asked for, but {fit.offload_missing}: ordinary "
+                      "checkpointing (non-reentrant)")
+    if fit.checkpointing == "offload":
+        return Choice("offload", ("set by you: " if asked == "offload" else "") + _offload_reason(fit, shape,
+                                                                                                 tokens))
+    if asked != "auto":
         return Choice(fit.checkpointing, "set by you")
     if fit.checkpointing:
         return Choice(True, "activations of a useful micro-batch do not fit without it (non-reentrant)")
     return Choice(False, "activations fit without it: 36-41% faster on the H200 (docs/memory-calibration.md)")
+
+
+def _offload_reason(fit: Fit, shape: memory.Shape | None, tokens: int | None) -> str:
+    est, ck = fit.estimate, fit.ckpt_estimate
+    what = f"micro-batch {fit.ckpt_micro}"
+    if shape is not None and tokens:
+        what = f"a {shape.total_params() / 1e9:.1f}B model at micro-batch {fit.ckpt_micro} x {tokens} tokens"
+    need = f"{what} needs {ck.total_gib:.1f} GiB with checkpointing" if ck else "checkpointing"
+    host = (f"{est.host_gib:.1f} GiB of host RAM, within {fit.host_budget_gib:.1f} GiB: {fit.host_budget}"
+            if fit.host_budget_gib is not None and math.isfinite(fit.host_budget_gib)
+            else f"{est.host_gib:.1f} GiB of host RAM, unchecked: {fit.host_budget}")
+    return (f"{need} ({fit.budget_gib:.1f} GiB usable); {est.total_gib:.1f} GiB at micro-batch "
+            f"{fit.micro_batch} with each layer's input in pinned host memory ({host}); the offload term is "
+            "arithmetic, not yet measured")
 
 
 def choose_attention(cfg: TrainConfig, facts: dict, device: str, dtype: str) -> Choice[str]:
@@ -775,7 +866,7 @@ def make_plan(
                                     dense_mask=cfg.packing and attention.value != "varlen")
     per_rank = parallel.value.per_rank_batch
     micro = choose_micro_batch(cfg, fit, per_rank, world)
-    ckpt = choose_checkpointing(cfg, fit)
+    ckpt = choose_checkpointing(cfg, fit, shape, tokens)
     steps = choose_max_steps(cfg, resumed, embedded, n_train, batch.value)
     return Plan(
         model=Choice(model_name, "embedded tiny Llama (random init, fixed seed)"
