@@ -237,6 +237,17 @@ def saved_step(output: Path) -> int | None:
     return step if isinstance(step, int) else None
 
 
+def saved_optimizer_tensors(output: Path) -> int | None:
+    """How many tensors the saved optimizer state holds (a flat layout saves fewer: optim.FlatParams), None
+    when there is no readable checkpoint."""
+    try:
+        doc = json.loads((Path(output) / "checkpoint" / STATE_JSON).read_text())
+        groups = doc["optimizer"]["param_groups"]
+        return sum(len(g["params"]) for g in groups)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def verify(output: Path) -> dict:
     """Read state.json and check every file against it, before anything is loaded or written.
 

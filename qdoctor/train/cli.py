@@ -449,7 +449,13 @@ def _train(cfg: TrainConfig, plan: Plan, setup: Setup, pf: Preflight, resume: bo
         wrapped = D.wrap_ddp(model, device)
     else:
         wrapped = model
-    opt = optim.build(plan.optimizer.value, wrapped.parameters(), plan.lr.value, cfg.weight_decay)
+    # one process steps every LoRA tensor at once (optim.FlatParams); a checkpoint written per tensor (an
+    # older qdoctor) resumes per tensor
+    flat = not sharded and not world.several
+    if flat and resuming:
+        n = checkpoint.saved_optimizer_tensors(output)
+        flat = n is None or n < sum(1 for p in wrapped.parameters() if p.requires_grad)
+    opt = optim.build(plan.optimizer.value, wrapped.parameters(), plan.lr.value, cfg.weight_decay, flat=flat)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.schedule(plan.warmup_steps.value))
     if sharded and plan.loss_scaling.value:
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler

@@ -258,7 +258,7 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
             losses.append(loss.detach())
             run.scaler.scale(loss * scale if scale > 1 else loss).backward()
     run.scaler.unscale_(run.optimizer)
-    params = [p for p in run.model.parameters() if p.requires_grad]
+    params = [p for p in run.model.parameters() if p.requires_grad]  # (a flat layout's views: the same norm)
     if hasattr(run.model, "clip_grad_norm_"):  # FSDP: each rank holds a shard; the norm is a collective
         gn = run.model.clip_grad_norm_(run.plan.max_grad_norm.value)
     else:
