@@ -21,6 +21,7 @@ Variants of qdoctor's path (comma-separated, each its own process):
   liger+compile
   flce+compile  lean + liger's fused linear cross-entropy only, the rest left to torch.compile
   +flex     (suffix) attn_implementation="flex_attention"
+  plan-pertensor  the plan, but the optimizer steps each LoRA tensor (not optim.FlatParams' one buffer)
   plan-dense  the plan, but SDPA with a dense document mask for packed rows instead of varlen attention
   ckpt      the plan with gradient checkpointing on (layer inputs on the GPU)
   offload   the plan with gradient checkpointing "offload" (layer inputs in pinned host memory)
@@ -309,7 +310,8 @@ def worker(a) -> None:
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(init[n])
-        opt = optim.build("paged_adamw_8bit", model.parameters(), 2e-4, 0.0)
+        opt = optim.build("paged_adamw_8bit", model.parameters(), 2e-4, 0.0,
+                          flat=planned and "pertensor" not in variant)  # as qdoctor train does
         sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.schedule(0))
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         run = loop.Run(model, opt, sched, scaler, [], [], plan, Path("."), 0, 2, "cuda:0", torch.bfloat16,

@@ -113,3 +113,32 @@ def test_a_checkpoint_written_per_tensor_resumes_per_tensor_and_equals_the_unint
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert la == lb  # flat and per tensor: the same updates, so the same losses
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_paged_8bit_flat_update_equals_the_per_tensor_one():
+    """On CUDA the flat buffer's states are paged (bitsandbytes pages tensors of 1e5 elements or more) while
+    most per-tensor states are not: where they live must not change a bit of the update."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    a = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
+    b = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
+    oa = optim.build("paged_adamw_8bit", a, 1e-3, 0.0)
+    ob = optim.build("paged_adamw_8bit", b, 1e-3, 0.0, flat=True)
+    for step in range(5):
+        torch.manual_seed(step + 10)
+        grads = [torch.randn(s, device="cuda") for s in SHAPES]
+        oa.zero_grad()
+        ob.zero_grad()
+        for p, g in zip(a, grads, strict=True):
+            p.grad = g.clone()
+        for p, g in zip(b, grads, strict=True):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+        oa.step()
+        ob.step()
+    torch.cuda.synchronize()
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
