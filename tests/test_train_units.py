@@ -211,7 +211,19 @@ def test_single_row_paths_reproduce_the_row_they_come_from(row):
     shape, mb, seq, ck, path, measured, _source = row
     est = memory.estimate(memory.Shape(**shape), micro_batch=mb, seq_len=seq, checkpointing=ck, path=path,
                           fused_loss=path == "fused")
-    assert abs(est.total_gib / measured - 1) < 0.05
+    # one eager row reproduces its constant; the four fused rows share one (the least largest error)
+    tolerance = 0.10 if path == "fused" and not ck else 0.05
+    assert abs(est.total_gib / measured - 1) < tolerance
+
+
+@pytest.mark.parametrize("row", memory.HELD_OUT_OFFLOAD)
+def test_offloaded_checkpointing_estimate_within_10_percent_of_the_measured_peak(row):
+    """The offload term is arithmetic (nothing fitted to an offloaded run): a real hold-out."""
+    shape, seq, measured = row
+    est = memory.estimate(memory.Shape(**shape), micro_batch=1, seq_len=seq, checkpointing=True,
+                          fused_loss=True, offload=True)
+    assert abs(est.total_gib / measured - 1) < 0.10, est
+    assert est.host_gib > 0
 
 
 @pytest.mark.parametrize("row", memory.HELD_OUT_FUSED)

@@ -184,12 +184,8 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
         _Rank.main = world.main
         cfg = C.build(C.load_toml(config_file) if config_file else None, flags)
         nproc = check_world(cfg, world)
-        if world.launcher is None:  # this process runs the pre-flight: its deep child starts now
-            from qdoctor.facts import runtime
-            from qdoctor.train.preflight import DEEP_TIMEOUT_S
-
-            runtime.start_early(DEEP_TIMEOUT_S, in_process=skip_probes)
-        setup = prepare(cfg, resume, nproc)
+        early = _start_deep_facts(skip_probes) if world.launcher is None else None
+        setup = prepare(cfg, resume, nproc, on_ml_start=early)
     except (C.ConfigError, DataError, ModelError, RunDirError, CheckpointError, D.LaunchError) as e:
         _fail(str(e))
     launching = cfg.nproc is not None and world.launcher is None  # `train --nproc N`: torchrun starts N
@@ -252,6 +248,19 @@ def train(ctx, config_file, resume, dry_run, as_json, force, skip_probes, target
         kept = f"; the checkpoint of step {step} is intact; free space, then: {hint}" if step else ""
         _fail(f"cannot write to {setup.output}: {why}{kept}")
     _end(world, code)
+
+
+def _start_deep_facts(skip_probes: bool):
+    """For a process that runs the pre-flight itself: start its deep facts child as soon as the input has
+    passed the checks that need no ML import (qdoctor.facts.runtime.start_early)."""
+
+    def start() -> None:
+        from qdoctor.facts import runtime
+        from qdoctor.train.preflight import DEEP_TIMEOUT_S
+
+        runtime.start_early(DEEP_TIMEOUT_S, in_process=skip_probes)
+
+    return start
 
 
 def check_world(cfg: TrainConfig, world) -> int:

@@ -41,9 +41,11 @@ class Setup:
         return self.ds.notes()
 
 
-def prepare(cfg: C.TrainConfig, resume: bool, world: int = 1) -> Setup:
+def prepare(cfg: C.TrainConfig, resume: bool, world: int = 1, on_ml_start=None) -> Setup:
     """Raises ConfigError, DataError, ModelError or RunDirError (one line each, exit 2). `world`: the
-    processes that will train (the batch is split over them; every one of them calls this, read-only)."""
+    processes that will train (the batch is split over them; every one of them calls this, read-only).
+    `on_ml_start()` is called once the checks that need no ML import have passed (train starts the
+    pre-flight's deep child there, so it imports torch while this process imports transformers)."""
     if resume and not cfg.output:
         raise rundir.RunDirError("--resume needs --output DIR (the run to continue)")
     src = M.resolve(cfg.model, cfg.trust_remote_code)
@@ -62,6 +64,8 @@ def prepare(cfg: C.TrainConfig, resume: bool, world: int = 1) -> Setup:
         raise rundir.RunDirError(
             f"--max-steps {cfg.max_steps} is below the {done} steps the run in {output} has done"
         )
+    if on_ml_start is not None:
+        on_ml_start()
     tok = M.load_tokenizer(src)
     mcfg = M.load_config(src)
     M.check_causal_lm(mcfg, src.name)
