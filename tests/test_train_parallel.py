@@ -297,12 +297,13 @@ def test_an_out_of_memory_error_on_one_rank_stops_that_rank_at_once(monkeypatch)
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(loop, "train_step", oom)
-    run = SimpleNamespace(micro=4, world=D.World(1, 2, 1, 2, "torchrun"))
+    plan = SimpleNamespace(gradient_checkpointing=SimpleNamespace(value=False))
+    run = SimpleNamespace(micro=4, world=D.World(1, 2, 1, 2, "torchrun"), plan=plan, device="cuda:1")
     with pytest.raises(loop.RankStopped) as e:
         loop._step_or_stop(run, [None] * 8, 8)
     f = e.value.finding
     assert f.code == "QD803" and "one of 2 processes at micro-batch 4" in f.title and "rank 1" in f.evidence
-    assert "--fsdp" in f.fix
+    assert "--fsdp" in f.fix and "--gradient-checkpointing on" in f.fix
 
 
 def test_ranks_agree_on_the_signal_one_of_them_caught(monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from qdoctor.train import config as C
 from qdoctor.train import data as D
 from qdoctor.train import memory
-from qdoctor.train.loop import StopRun, diagnose_nonfinite, smaller_micro, with_oom_backoff
+from qdoctor.train.loop import StopRun, diagnose_nonfinite, oom_fix, smaller_micro, with_oom_backoff
 from qdoctor.train.plan import make_plan
 
 SHAPE_1B = memory.Shape(**memory.SHAPE_1B)
@@ -345,7 +345,18 @@ def test_oom_at_micro_batch_one_stops_with_a_fix():
 
     with pytest.raises(StopRun) as e:
         with_oom_backoff(step, 4, 4, lambda m: None)
-    assert e.value.finding.code == "QD803" and e.value.finding.fix
+    assert e.value.finding.code == "QD803" and "--gradient-checkpointing on" in e.value.finding.fix
+    with pytest.raises(StopRun) as e:
+        with_oom_backoff(step, 4, 4, lambda m: None, fix=oom_fix(True, "cuda:0"))
+    assert "--gradient-checkpointing offload" in e.value.finding.fix
+
+
+def test_the_out_of_memory_fix_follows_what_the_run_already_does():
+    assert "--gradient-checkpointing on" in oom_fix(False, "cuda:0")
+    assert "--gradient-checkpointing offload" in oom_fix(True, "cuda:0")
+    assert "offload" not in oom_fix(True, "cpu")  # host memory is what the CPU already uses
+    done = oom_fix("offload", "cuda:0")
+    assert "checkpointing" not in done and "--seq-len" in done and "cpu_adamw" in done
 
 
 def test_non_oom_errors_pass_through():

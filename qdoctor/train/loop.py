@@ -81,10 +81,23 @@ def smaller_micro(batch: int, micro: int) -> int:
     return 1
 
 
-def with_oom_backoff(step_fn, batch: int, micro: int, notify, oom=is_oom, after_oom=None):
+def oom_fix(checkpointing=False, device: str = "cuda") -> str:
+    """What to change after out-of-memory at micro-batch 1, from what the run already does: checkpointing
+    first, then (on a GPU) the layer inputs in host memory, then shorter sequences or a CPU-side optimizer."""
+    rest = "lower --seq-len, or use --optimizer cpu_adamw"
+    if not checkpointing:
+        return f"turn on gradient checkpointing (--gradient-checkpointing on), {rest}"
+    if checkpointing != "offload" and device.startswith("cuda"):
+        return ("keep each layer's input in host memory (--gradient-checkpointing offload: 2 x hidden bytes "
+                f"per token per layer leave the GPU), {rest}")
+    return rest[0].upper() + rest[1:]
+
+
+def with_oom_backoff(step_fn, batch: int, micro: int, notify, oom=is_oom, after_oom=None, fix=None):
     """Run step_fn(micro, accum); on out-of-memory halve the micro-batch, double the accumulation, retry.
 
-    Returns (result, micro). At micro-batch 1 the error becomes a StopRun with a fix.
+    Returns (result, micro). At micro-batch 1 the error becomes a StopRun with a fix (`fix`, or oom_fix()'s
+    for a run without checkpointing).
     """
     while True:
         try:
@@ -101,8 +114,7 @@ def with_oom_backoff(step_fn, batch: int, micro: int, notify, oom=is_oom, after_
                         "error",
                         "out of memory even at micro-batch 1",
                         [str(e).splitlines()[0][:200]],
-                        'turn on gradient checkpointing (--config with gradient_checkpointing = "on"), lower '
-                        "--seq-len, or use --optimizer cpu_adamw",
+                        fix or oom_fix(),
                         "plan",
                     )
                 ) from None
@@ -431,6 +443,7 @@ def fit(run: Run, progress) -> None:
                     run.micro,
                     run.log,
                     after_oom=_free,
+                    fix=oom_fix(run.plan.gradient_checkpointing.value, run.device),
                 )
             if not math.isfinite(loss):
                 raise StopRun(
@@ -505,14 +518,14 @@ def _step_or_stop(run: Run, examples: list, per_rank: int) -> tuple[float, float
     except Exception as e:
         if not is_oom(e):
             raise
+        fix = oom_fix(run.plan.gradient_checkpointing.value, run.device)
         raise RankStopped(
             Finding(
                 "QD803",
                 "error",
                 f"out of memory in one of {run.world.size} processes at micro-batch {run.micro}",
                 [str(e).splitlines()[0][:200], f"rank {run.world.rank}"],
-                f"lower --micro-batch (now {run.micro}), turn on gradient checkpointing, lower --seq-len, or "
-                "shard the model with --fsdp",
+                f"lower --micro-batch (now {run.micro}), or: {fix}, or shard the model with --fsdp",
                 "plan",
             )
         ) from None
