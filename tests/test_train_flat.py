@@ -55,14 +55,11 @@ def test_autograd_accumulates_into_the_buffer_and_zero_grad_keeps_the_views():
     assert torch.allclose(lay.views[0].grad, 2 * lay.views[0].detach())
 
 
-@pytest.mark.parametrize("name", ["adamw_8bit", "adamw"])
-def test_the_flat_update_equals_the_per_tensor_update_bit_for_bit(name):
-    a, b = _params(), _params()
-    oa, ob = optim.build(name, a, 1e-3, 0.0), optim.build(name, b, 1e-3, 0.0, flat=True)
-    assert len(ob.param_groups[0]["params"]) < len(oa.param_groups[0]["params"])
+def _five_steps(oa, ob, a, b, device):
+    """The same random gradients through a per-tensor (oa on a) and a flat (ob on b) optimizer."""
     for step in range(5):
         torch.manual_seed(step + 10)
-        grads = [torch.randn(s) for s in SHAPES]
+        grads = [torch.randn(s, device=device) for s in SHAPES]
         oa.zero_grad()
         ob.zero_grad()
         for p, g in zip(a, grads, strict=True):
@@ -74,6 +71,14 @@ def test_the_flat_update_equals_the_per_tensor_update_bit_for_bit(name):
                 p.grad.add_(g)  # as autograd accumulates into the existing view
         oa.step()
         ob.step()
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "adamw"])
+def test_the_flat_update_equals_the_per_tensor_update_bit_for_bit(name):
+    a, b = _params(), _params()
+    oa, ob = optim.build(name, a, 1e-3, 0.0), optim.build(name, b, 1e-3, 0.0, flat=True)
+    assert len(ob.param_groups[0]["params"]) < len(oa.param_groups[0]["params"])
+    _five_steps(oa, ob, a, b, "cpu")
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
@@ -125,20 +130,7 @@ def test_on_the_gpu_the_paged_8bit_flat_update_equals_the_per_tensor_one():
     b = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
     oa = optim.build("paged_adamw_8bit", a, 1e-3, 0.0)
     ob = optim.build("paged_adamw_8bit", b, 1e-3, 0.0, flat=True)
-    for step in range(5):
-        torch.manual_seed(step + 10)
-        grads = [torch.randn(s, device="cuda") for s in SHAPES]
-        oa.zero_grad()
-        ob.zero_grad()
-        for p, g in zip(a, grads, strict=True):
-            p.grad = g.clone()
-        for p, g in zip(b, grads, strict=True):
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.add_(g)
-        oa.step()
-        ob.step()
+    _five_steps(oa, ob, a, b, "cuda")
     torch.cuda.synchronize()
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
