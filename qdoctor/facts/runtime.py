@@ -228,8 +228,8 @@ _early: dict = {}  # the child start_early() began: {"thread": Thread, "result":
 
 def start_early(timeout: float, in_process: bool = False) -> None:
     """Begin the deep child now, in a background thread, when a deep collect will follow in this process:
-    `train` imports torch, transformers and peft meanwhile, and on a fresh machine the child's import of
-    torch takes as long (H200: 12 s each; bench/NOTES.md). deep() waits for this child instead of starting
+    `train` imports torch, transformers and peft meanwhile (on a fresh H200 machine the child took 12.3 s
+    and this process's imports longer; bench/NOTES.md). deep() waits for this child instead of starting
     another. Nothing is spawned where the deep collect would not spawn one: a fresh cached result, or
     `in_process` (train --skip-probes) on a machine without a GPU."""
     if "thread" in _early:
