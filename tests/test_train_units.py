@@ -347,7 +347,7 @@ def test_oom_at_micro_batch_one_stops_with_a_fix():
         with_oom_backoff(step, 4, 4, lambda m: None)
     assert e.value.finding.code == "QD803" and "--gradient-checkpointing on" in e.value.finding.fix
     with pytest.raises(StopRun) as e:
-        with_oom_backoff(step, 4, 4, lambda m: None, fix=oom_fix(True, "cuda:0"))
+        with_oom_backoff(step, 4, 4, lambda m: None, fix=lambda: oom_fix(True, "cuda:0"))
     assert "--gradient-checkpointing offload" in e.value.finding.fix
 
 

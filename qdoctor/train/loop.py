@@ -96,7 +96,7 @@ def oom_fix(checkpointing=False, device: str = "cuda") -> str:
 def with_oom_backoff(step_fn, batch: int, micro: int, notify, oom=is_oom, after_oom=None, fix=None):
     """Run step_fn(micro, accum); on out-of-memory halve the micro-batch, double the accumulation, retry.
 
-    Returns (result, micro). At micro-batch 1 the error becomes a StopRun with a fix (`fix`, or oom_fix()'s
+    Returns (result, micro). At micro-batch 1 the error becomes a StopRun with a fix (`fix()`, or oom_fix()'s
     for a run without checkpointing).
     """
     while True:
@@ -114,7 +114,7 @@ def with_oom_backoff(step_fn, batch: int, micro: int, notify, oom=is_oom, after_
                         "error",
                         "out of memory even at micro-batch 1",
                         [str(e).splitlines()[0][:200]],
-                        fix or oom_fix(),
+                        fix() if fix else oom_fix(),
                         "plan",
                     )
                 ) from None
@@ -443,7 +443,7 @@ def fit(run: Run, progress) -> None:
                     run.micro,
                     run.log,
                     after_oom=_free,
-                    fix=oom_fix(run.plan.gradient_checkpointing.value, run.device),
+                    fix=lambda: oom_fix(run.plan.gradient_checkpointing.value, run.device),
                 )
             if not math.isfinite(loss):
                 raise StopRun(
