@@ -16,6 +16,8 @@ import runpy
 import sys
 from collections import defaultdict
 
+ANNOTATIONS = ("ProfilerStep", "Optimizer.step#", "Optimizer.zero_grad#")
+
 
 def _kind(name: str) -> str:
     """A coarse family for a kernel name, so tables from different trainers line up."""
@@ -60,7 +62,10 @@ def main() -> None:
         kinds = defaultdict(float)
         count = defaultdict(int)
         for e in p.events() or []:
-            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            # the GPU-side copies of annotated ranges (ProfilerStep#, Optimizer.step#...) span kernels that
+            # are counted on their own: adding them would count that time twice
+            annotation = getattr(e, "is_user_annotation", False) or e.name.startswith(ANNOTATIONS)
+            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and not annotation:
                 us = e.device_time if hasattr(e, "device_time") else e.cuda_time
                 per[e.name] += us
                 count[e.name] += 1
