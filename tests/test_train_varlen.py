@@ -32,15 +32,17 @@ def _plan(facts, **cfg):
                        n_train=1000, max_len=1024, model_type="llama")
 
 
-def per_document_kernel(calls, gqa_flag):
+def per_document_kernel(calls, gqa_flag, unequal_ok=False):
     """Stand-in for torch.nn.attention.varlen.varlen_attn: causal SDPA on each document alone. Records the
-    keyword arguments so tests can check what the real kernel would be asked."""
+    keyword arguments so tests can check what the real kernel would be asked. `unequal_ok`: fewer key/value
+    heads are taken without the flag (flash attention's own GQA); else they need the flag or repeating."""
 
     def fn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
         calls.append(dict(window_size=window_size, enable_gqa=enable_gqa, max_q=max_q, heads=(q.shape[1],
                           k.shape[1]), cu=cu_q.tolist()))
         assert torch.equal(cu_q, cu_k) and window_size == (-1, 0), "must be causal self-attention"
-        assert k.shape[1] == q.shape[1] or enable_gqa, "GQA needs enable_gqa or repeated heads"
+        if not (k.shape[1] == q.shape[1] or enable_gqa or unequal_ok):
+            raise RuntimeError("GQA needs enable_gqa or repeated heads")
         out = torch.zeros_like(q)
         cu = cu_q.tolist()
         for s, e in zip(cu[:-1], cu[1:], strict=True):
@@ -71,6 +73,7 @@ def test_cu_seqlens_mark_every_document_and_pad_to_a_power_of_two():
 
 @pytest.mark.parametrize("gqa_flag", [True, False])
 def test_varlen_attention_equals_sdpa_with_a_document_mask(monkeypatch, gqa_flag):
+    monkeypatch.setitem(speed._gqa, "native", False)
     calls = []
     monkeypatch.setattr(speed, "_varlen_fn", per_document_kernel(calls, gqa_flag))
     g = torch.Generator().manual_seed(0)
@@ -95,7 +98,22 @@ def test_without_boundaries_it_is_causal_sdpa(monkeypatch):
     assert torch.allclose(out, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("unequal_ok", [True, False])
+def test_the_self_check_keeps_key_value_heads_unrepeated_only_where_the_kernel_takes_them(monkeypatch,
+                                                                                         unequal_ok):
+    monkeypatch.setitem(speed._gqa, "native", not unequal_ok)  # the check must set it either way
+    calls = []
+    monkeypatch.setattr(speed, "_varlen_fn", per_document_kernel(calls, False, unequal_ok))
+    assert speed.varlen_self_check("cpu", torch.float32) is None
+    assert speed._gqa["native"] is unequal_ok
+    calls.clear()
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    speed.varlen_attention(None, q, k, k, None, **speed.varlen_kwargs(torch.tensor([[0, 1, 2, 0, 1, 2]])))
+    assert calls[0]["heads"] == ((4, 2) if unequal_ok else (4, 4)) and calls[0]["enable_gqa"] is False
+
+
 def test_the_self_check_passes_a_right_kernel_and_catches_a_wrong_one(monkeypatch):
+    monkeypatch.setitem(speed._gqa, "native", False)
     monkeypatch.setattr(speed, "_varlen_fn", per_document_kernel([], True))
     assert speed.varlen_self_check("cpu", torch.float32) is None
 

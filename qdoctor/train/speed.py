@@ -136,6 +136,12 @@ def varlen_kwargs_from_mask(attention_mask) -> dict:
     return varlen_kwargs(torch.where(idx < lens, idx, idx - lens))
 
 
+# Whether the kernel takes fewer key/value heads than query heads as they are (flash attention does; some
+# torch versions have no `enable_gqa` flag to say so). Set by varlen_self_check, which tries that first:
+# repeating the heads instead keeps heads/kv_heads copies of K and V for backward (1.1B, 2x4096: ~1.15 GiB).
+_gqa = {"native": False}
+
+
 def _varlen_fn():
     import inspect
 
@@ -169,7 +175,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if hk != h:
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
-        else:
+        elif not _gqa["native"]:
             k = k.repeat_interleave(h // hk, dim=1)
             v = v.repeat_interleave(h // hk, dim=1)
     cu = cu_seq_lens_q.to(query.device, non_blocking=True)
@@ -185,8 +191,23 @@ def register_varlen() -> None:
 
 
 def varlen_self_check(device: str, dtype) -> str | None:
-    """Run varlen_attention on two short documents and compare output and gradients with SDPA on each
-    document alone. None when they agree; else what went wrong (the caller falls back to SDPA)."""
+    """Run varlen_attention on two short documents (4 query heads, 2 key/value heads) and compare output
+    and gradients with SDPA on each document alone. None when they agree; else what went wrong (the caller
+    falls back to SDPA). Where the kernel has no `enable_gqa` flag, unrepeated key/value heads are tried
+    first and kept if they pass; else the heads are repeated and checked again."""
+    try:
+        _, params = _varlen_fn()
+    except Exception as e:  # no varlen module in this torch
+        return f"variable-length attention failed its self-check: {type(e).__name__}: {str(e)[:160]}"
+    if "enable_gqa" not in params:
+        _gqa["native"] = True
+        if _check_once(device, dtype) is None:
+            return None
+    _gqa["native"] = False
+    return _check_once(device, dtype)
+
+
+def _check_once(device: str, dtype) -> str | None:
     import torch
     import torch.nn.functional as F
 
