@@ -23,8 +23,9 @@ Variants of qdoctor's path (comma-separated, each its own process):
   +flex     (suffix) attn_implementation="flex_attention"
   plan-pertensor  the plan, but the optimizer steps each LoRA tensor (not optim.FlatParams' one buffer)
   plan-dense  the plan, but SDPA with a dense document mask for packed rows instead of varlen attention
-  plan-ambNN  the plan with the compiled layers' activation memory budget at 0.NN instead of
-            speed.MEMORY_BUDGET (plan-amb100: the partitioner's default, nothing recomputed for memory)
+  plan-keep  the plan, but the compiled layers keep the partitioner's default cut (speed.KEEP_POINTWISE:
+            pointwise outputs kept for backward, not recomputed)
+  plan-ambNN  the plan with the compiled layers' activation memory budget at 0.NN (speed.MEMORY_BUDGET)
   ckpt      the plan with gradient checkpointing on (layer inputs on the GPU)
   offload   the plan with gradient checkpointing "offload" (layer inputs in pinned host memory)
 The model runs in training mode, as loop.fit runs it (liger's fused loss skips the logits only there).
@@ -273,6 +274,7 @@ def worker(a) -> None:
         amb = re.search(r"amb(\d+)", variant)
         if amb:  # compile_layers sets it when the layers are compiled
             speed.MEMORY_BUDGET = int(amb.group(1)) / 100
+        speed.KEEP_POINTWISE = "keep" in variant
         ckpt = {"ckpt": "on", "offload": "offload"}.get(variant, "auto" if planned else "off")
         cfg = TrainConfig(
             model=a.model, batch_size=bs, micro_batch=bs, seq_len=seq, packing=packed, lr=2e-4, lora_r=16,

@@ -35,7 +35,7 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIM_STATE_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "cpu_adamw": 0, "adamw": 8}
 # bytes per token per layer per (hidden + intermediate), by path: fp32-upcast norms (the common recipe),
 # the lean eager path, and compiled decoder layers, whose partitioner recomputes the pointwise ops (norms,
-# SwiGLU, layout copies) in backward instead of keeping their outputs (speed.MEMORY_BUDGET)
+# SwiGLU, layout copies) in backward instead of keeping their outputs (speed.RECOMPUTE_POINTWISE)
 # ("compiled": fitted to the plan's path measured in one call, CALIBRATION's compiled rows)
 ACT_BYTES = {"upcast": 20.0, "eager": 10.8, "compiled": 5.9}
 LOGIT_BYTES = 10
@@ -50,7 +50,7 @@ PLAIN_LOOP_H200 = "docs/memory-calibration.md (plain loop with prepare_model_for
 BENCH_H200 = "bench/results/h200-2026-11-29-call1.json and -call2.json (qdoctor's path, H200)"
 BENCH_H200_TRAIN = "bench/results/h200-2026-11-29-trainmode.json (qdoctor's path in training mode, H200)"
 BENCH_H200_LONG = "bench/results/h200-2026-11-29-longest.json (qdoctor's path, checkpointing, H200)"
-BENCH_S5 = "bench/results/h200-2026-11-29-s5-{}.json (the plan's path: compiled layers, memory budget 0.9)"
+BENCH_S5 = "bench/results/h200-2026-11-29-s5-{}.json (the plan's path, compiled layers recomputing)"
 # (shape, micro_batch, seq_len, checkpointing, path, measured peak GiB, source)
 CALIBRATION = [
     (SHAPE_1B, 8, 1024, True, "upcast", 6.1, PLAIN_LOOP_H200),

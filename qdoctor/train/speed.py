@@ -3,7 +3,7 @@
 - fused kernels from liger-kernel (RMSNorm, SwiGLU, RoPE, and a fused linear + cross-entropy that never
   materialises the full-vocabulary logits): https://github.com/linkedin/Liger-Kernel
 - torch.compile of each decoder layer (one graph reused by every layer), recomputing its pointwise work
-  in backward rather than keeping it (MEMORY_BUDGET)
+  in backward rather than keeping it (RECOMPUTE_POINTWISE)
 
 The plan decides which to use and records why (a missing library, no CUDA, no Triton); this module only
 says what is possible here and applies what the plan chose. Nothing here imports torch at import time.
@@ -59,26 +59,36 @@ def decoder_layers(model) -> list:
     return list(getattr(inner, "layers", []))
 
 
-# The compiled layers' activation memory budget (torch._functorch.config.activation_memory_budget): below
-# 1, the partitioner may recompute in backward what it would otherwise keep, cheapest first by its FLOP
-# count, so pointwise work (RMSNorm, SiLU x up, layout copies) goes first: the norms' outputs, the down
-# projection's input and a copy of the attention output are no longer kept. H200, 1.1B: 11.47 -> 8.39 GiB
-# at 8x1024, 11.42 -> 8.33 at 2x4096 (bench/NOTES.md). 0.9 and 0.7 kept nearly the same there.
-MEMORY_BUDGET = 0.9
+# What the compiled layers keep for backward. torch's min-cut partitioner recomputes only pointwise work,
+# and even that not when its output must also exist in backward (it feeds a matmul there), when it is far
+# from backward, or in a long chain. Lifting those three bans (its "more aggressive" cut, still limited to
+# its allowlist of cheap ops: never a matmul, attention or a custom op such as bitsandbytes' 4-bit GEMM)
+# recomputes the norms' outputs, SiLU x up (the down projection's input) and layout copies instead of
+# keeping them. H200, 1.1B: 11.47 -> 8.39 GiB at 8x1024 (bench/NOTES.md). An activation memory budget
+# below 1 reaches the same cut where it suffices, but where it does not it goes on to recompute custom
+# ops too (H200, 1.1B packed 2x4096 with varlen attention: 21% slower), so the bans are set directly.
+RECOMPUTE_POINTWISE = {"ban_recompute_used_far_apart": False, "ban_recompute_long_fusible_chains": False,
+                       "ban_recompute_materialized_backward": False}
+MEMORY_BUDGET = 1.0  # the partitioner's default; scripts/bench_train.py's plan-ambNN variants change it
+KEEP_POINTWISE = False  # scripts/bench_train.py's plan-keep variant: the partitioner's default cut
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, backend: str = "inductor") -> int:
     """torch.compile each decoder layer in place; returns how many. Parameters are graph inputs (not
     guards), so all layers share one compiled graph instead of recompiling per layer. Sets the process's
-    activation memory budget (MEMORY_BUDGET), read when the graphs are first run: train owns its process."""
+    partitioner options (RECOMPUTE_POINTWISE), read when the graphs are first run: train owns its process.
+    `backend`: tests on CPU use "aot_eager_decomp_partition" (the same partitioner, no C compiler)."""
     import torch
     import torch._functorch.config as functorch_config
 
     functorch_config.activation_memory_budget = MEMORY_BUDGET
+    for name, value in RECOMPUTE_POINTWISE.items():
+        if hasattr(functorch_config, name):  # an older torch without it keeps the default cut
+            setattr(functorch_config, name, True if KEEP_POINTWISE else value)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, backend=backend)
     return len(layers)
 
 
