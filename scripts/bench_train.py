@@ -23,8 +23,8 @@ Variants of qdoctor's path (comma-separated, each its own process):
   +flex     (suffix) attn_implementation="flex_attention"
   plan-pertensor  the plan, but the optimizer steps each LoRA tensor (not optim.FlatParams' one buffer)
   plan-dense  the plan, but SDPA with a dense document mask for packed rows instead of varlen attention
-  plan-ambNN  the plan with torch._functorch.config.activation_memory_budget = 0.NN for the compiled layers
-            (the partitioner recomputes more in backward to keep at most that share of the activations)
+  plan-ambNN  the plan with the compiled layers' activation memory budget at 0.NN instead of
+            speed.MEMORY_BUDGET (plan-amb100: the partitioner's default, nothing recomputed for memory)
   ckpt      the plan with gradient checkpointing on (layer inputs on the GPU)
   offload   the plan with gradient checkpointing "offload" (layer inputs in pinned host memory)
 The model runs in training mode, as loop.fit runs it (liger's fused loss skips the logits only there).
@@ -271,10 +271,8 @@ def worker(a) -> None:
         packed = seq > 1024 and bs > 1  # micro-batch 1 rows (the longest-sequence runs) are one document
         planned = variant.startswith("plan") or variant in ("ckpt", "offload")
         amb = re.search(r"amb(\d+)", variant)
-        if amb:
-            import torch._functorch.config as fconfig
-
-            fconfig.activation_memory_budget = int(amb.group(1)) / 100
+        if amb:  # compile_layers sets it when the layers are compiled
+            speed.MEMORY_BUDGET = int(amb.group(1)) / 100
         ckpt = {"ckpt": "on", "offload": "offload"}.get(variant, "auto" if planned else "off")
         cfg = TrainConfig(
             model=a.model, batch_size=bs, micro_batch=bs, seq_len=seq, packing=packed, lr=2e-4, lora_r=16,

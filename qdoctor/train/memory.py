@@ -34,11 +34,10 @@ BITS_PER_PARAM = {"nf4": 4.127, "nf4_nodq": 4.5, "int8": 8.5}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIM_STATE_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "cpu_adamw": 0, "adamw": 8}
 # bytes per token per layer per (hidden + intermediate), by path: fp32-upcast norms (the common recipe),
-# the lean eager path, and the fused path (compiled layers and/or liger kernels)
-# ("fused": the value with the least largest error over the four fused rows of CALIBRATION, 7.2%: SDPA's
-# and varlen attention's peaks differ by 1.15 GiB on 1.1B and not at all on 6.7B, which one constant cannot
-# follow)
-ACT_BYTES = {"upcast": 20.0, "eager": 10.8, "fused": 8.9}
+# the lean eager path, and compiled decoder layers, whose partitioner recomputes the pointwise ops (norms,
+# SwiGLU, layout copies) in backward instead of keeping their outputs (speed.MEMORY_BUDGET)
+# ("compiled": fitted to the plan's path measured in one call, CALIBRATION's compiled rows)
+ACT_BYTES = {"upcast": 20.0, "eager": 10.8, "compiled": 5.9}
 LOGIT_BYTES = 10
 # with checkpointing, outside the fp32-upcast path: each layer keeps its bf16 input (2 x hidden bytes per
 # token) and the layer being recomputed plus its backward take CKPT_LAYER_BYTES x (hidden + intermediate);
@@ -51,7 +50,7 @@ PLAIN_LOOP_H200 = "docs/memory-calibration.md (plain loop with prepare_model_for
 BENCH_H200 = "bench/results/h200-2026-11-29-call1.json and -call2.json (qdoctor's path, H200)"
 BENCH_H200_TRAIN = "bench/results/h200-2026-11-29-trainmode.json (qdoctor's path in training mode, H200)"
 BENCH_H200_LONG = "bench/results/h200-2026-11-29-longest.json (qdoctor's path, checkpointing, H200)"
-BENCH_S4 = "bench/results/h200-2026-11-29-s4-{}-flat.json (qdoctor's path, flat optimizer, training mode)"
+BENCH_S5 = "bench/results/h200-2026-11-29-s5-{}.json (the plan's path: compiled layers, memory budget 0.9)"
 # (shape, micro_batch, seq_len, checkpointing, path, measured peak GiB, source)
 CALIBRATION = [
     (SHAPE_1B, 8, 1024, True, "upcast", 6.1, PLAIN_LOOP_H200),
@@ -63,24 +62,16 @@ CALIBRATION = [
     (SHAPE_7B, 2, 4096, True, "upcast", 15.3, PLAIN_LOOP_H200),
     (SHAPE_7B, 2, 4096, False, "upcast", 93.7, PLAIN_LOOP_H200),
     (SHAPE_1B, 8, 1024, False, "eager", 17.16, BENCH_H200),
-    (SHAPE_1B, 8, 1024, False, "fused", 11.47, BENCH_S4.format("1b")),  # SDPA
-    (SHAPE_1B, 2, 4096, False, "fused", 12.62, BENCH_S4.format("1b")),  # packed, varlen (no dense mask)
-    (SHAPE_7B, 8, 1024, False, "fused", 37.31, BENCH_S4.format("7b")),  # SDPA
-    (SHAPE_7B, 2, 4096, False, "fused", 37.25, BENCH_S4.format("7b-packed")),  # packed, varlen
-    (SHAPE_7B, 1, 8192, True, "fused", 7.68, BENCH_H200_LONG),
-    (SHAPE_7B, 1, 16384, True, "fused", 11.38, BENCH_H200_LONG),
+    (SHAPE_1B, 8, 1024, False, "compiled", 8.39, BENCH_S5.format("1b-amb")),  # SDPA
+    (SHAPE_1B, 2, 4096, False, "compiled", 8.33, BENCH_S5.format("1b-amb")),  # packed, varlen (no mask)
+    # checkpointing (layers not compiled; the layer term is CKPT_LAYER_BYTES), fused loss
+    (SHAPE_7B, 1, 8192, True, "eager", 7.68, BENCH_H200_LONG),
+    (SHAPE_7B, 1, 16384, True, "eager", 11.38, BENCH_H200_LONG),
 ]
-# held out (not used to fit ACT_BYTES): the plan's path in other calls, before the flat optimizer kept its
-# gradient buffer (bench/results/h200-2026-11-29-trainmode.json, -s4-1b-sdpa.json, -s4-7b-sdpa.json)
+# held out (not used to fit ACT_BYTES): the plan's path in other calls
 # (shape, micro_batch, seq_len, packed, measured peak GiB)
 # (packed rows with variable-length attention have no dense mask: packed=False in the estimate's sense)
-HELD_OUT_FUSED = [
-    (SHAPE_7B, 8, 1024, False, 37.16),
-    (SHAPE_7B, 2, 4096, False, 37.15),
-    (SHAPE_1B, 2, 4096, False, 12.6),
-    (SHAPE_1B, 8, 1024, False, 12.63),  # varlen on unpacked rows (row 11 of bench/NOTES.md)
-    (SHAPE_1B, 8, 1024, False, 11.43),  # SDPA
-]
+HELD_OUT_COMPILED = []
 # offloaded checkpointing, micro-batch 1, under a 24 GiB cap
 # (bench/results/h200-2026-11-29-s4-longest-cap24.json)
 # (shape, seq_len, measured peak GiB)
@@ -88,11 +79,12 @@ HELD_OUT_OFFLOAD = [(SHAPE_7B, 65536, 18.39)]
 CALIBRATION_SOURCE = "docs/memory-calibration.md and bench/results/ (peaks measured on an H200)"
 
 
-def path_of(quantization: str, dtype: str, fused: bool) -> str:
-    """Which activation model applies: fp32-upcast norms (fp16 on a quantized base), fused, or eager."""
+def path_of(quantization: str, dtype: str, compiled: bool) -> str:
+    """Which activation model applies: fp32-upcast norms (fp16 on a quantized base), compiled decoder
+    layers (speed.compile_layers: what they keep for backward), or eager."""
     if quantization in BITS_PER_PARAM and dtype == "fp16":
         return "upcast"
-    return "fused" if fused else "eager"
+    return "compiled" if compiled else "eager"
 
 
 @dataclass(frozen=True)
@@ -157,8 +149,10 @@ def estimate(
     packed: bool = False,
     shards: int = 1,
     offload: bool = False,
+    compiled: bool = False,
 ) -> Estimate:
-    """path: "upcast" | "eager" | "fused" (None: path_of(quantization, dtype, fused_loss)).
+    """path: "upcast" | "eager" | "compiled" (None: path_of(quantization, dtype, compiled); compiled layers
+    run only without checkpointing, so with it the path is eager). fused_loss: no logits term.
     shards: FSDP over that many GPUs: each keeps 1/shards of the weights, the LoRA tensors and their optimizer
     states, plus what is gathered whole while it runs: two decoder layers (the running one and the prefetched
     next) or the embeddings and head, whichever is larger. This sharded term is FSDP's layout, not a
@@ -171,7 +165,7 @@ def estimate(
     (CachingHostAllocator), so between 1x and 2x the tensors' own bytes. Arithmetic, not calibrated."""
     if offload and not checkpointing:
         raise ValueError("offload moves checkpointed layer inputs: it needs checkpointing")
-    path = path or path_of(quantization, dtype, fused_loss)
+    path = path or path_of(quantization, dtype, compiled and not checkpointing)
     lin = shape.layers * shape.linear_params_per_layer()
     if quantization in BITS_PER_PARAM:
         w_lin = lin * BITS_PER_PARAM[quantization] / 8

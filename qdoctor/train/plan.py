@@ -467,7 +467,7 @@ def _divisors_desc(n: int) -> list[int]:
 
 def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, optimizer: str, budget: float,
               fused: bool = False, world: int = 1, shards: int = 1, dense_mask: bool = False,
-              host_budget: float | None = None):
+              host_budget: float | None = None, compiled: bool = False):
     """(micro_batch, checkpointing, estimate) or None when even micro-batch 1 in the leanest mode allowed
     fails. `batch` is what one process takes of each step (the effective batch / world). checkpointing is
     False, True, or "offload" (layer inputs in host memory), tried in that order under auto; offload only
@@ -498,6 +498,7 @@ def fit_batch(shape, cfg, *, batch: int, tokens: int, quant: str, dtype: str, op
                 packed=dense_mask,
                 shards=shards,
                 offload=ck == "offload",
+                compiled=compiled,
             )
             if est.total_gib <= budget and (host_budget is None or est.host_gib <= host_budget):
                 return mb, ck, est
@@ -571,7 +572,8 @@ class Fit:
 
 
 def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int, tokens: int,
-               fused: bool, world: int = 1, shards: int = 1, dense_mask: bool = False) -> Fit:
+               fused: bool, world: int = 1, shards: int = 1, dense_mask: bool = False,
+               compiled: bool = False) -> Fit:
     """The first optimizer (best first) with a micro-batch that fits the budget; the largest such micro-batch,
     without checkpointing where that fits, else with it, else (on a GPU, when host RAM holds them) with the
     layer inputs in host memory. When nothing fits: the best optimizer at micro-batch 1 (or the one set) in
@@ -584,7 +586,8 @@ def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str
     def est(ck, opt, mb=mb1):
         return memory.estimate(shape, micro_batch=mb, seq_len=tokens, checkpointing=bool(ck),
                                quantization=quant, dtype=dtype, optimizer=opt, lora_r=cfg.lora_r,
-                               fused_loss=fused, packed=dense_mask, shards=shards, offload=ck == "offload")
+                               fused_loss=fused, packed=dense_mask, shards=shards, offload=ck == "offload",
+                               compiled=compiled)
 
     host, host_why = host_budget_gib(facts, world)
     missing = None
@@ -597,7 +600,7 @@ def fit_memory(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str
     for opt in chain:
         fit = fit_batch(shape, cfg, batch=batch, tokens=tokens, quant=quant, dtype=dtype, optimizer=opt.value,
                         budget=budget, fused=fused, world=world, shards=shards, dense_mask=dense_mask,
-                        host_budget=host_ok)
+                        host_budget=host_ok, compiled=compiled)
         if fit is not None:
             ckpt = est(True, opt.value) if fit[1] == "offload" else None
             return Fit(opt, *fit, budget, why, True, ckpt_estimate=ckpt, **extra)
@@ -616,8 +619,8 @@ def _accelerate_fsdp(environ) -> bool:
 
 
 def choose_parallel(cfg, facts, probes, shape, *, device: str, dtype: str, quant: str, batch: int,
-                    tokens: int, fused: bool, world: int, environ=None, dense_mask: bool = False
-                    ) -> tuple[Choice[Parallel], Fit]:
+                    tokens: int, fused: bool, world: int, environ=None, dense_mask: bool = False,
+                    compiled: bool = False) -> tuple[Choice[Parallel], Fit]:
     """One process; or several, each holding the whole 4-bit model (DDP: the fastest, when it fits), or a
     shard of it (FSDP-QLoRA: when one GPU cannot hold the model and a micro-batch, or when asked). Returns
     the choice and the memory fit it was decided on."""
@@ -628,7 +631,8 @@ def choose_parallel(cfg, facts, probes, shape, *, device: str, dtype: str, quant
 
     def fit(shards):
         return fit_memory(cfg, facts, probes, shape, device=device, dtype=dtype, quant=quant, batch=per,
-                          tokens=tokens, fused=fused, world=world, shards=shards, dense_mask=dense_mask)
+                          tokens=tokens, fused=fused, world=world, shards=shards, dense_mask=dense_mask,
+                          compiled=compiled)
 
     ddp = fit(1)
     if world == 1:
@@ -860,10 +864,14 @@ def make_plan(
     per_rank = batch.value // world
     fused = choose_fused_loss(cfg, facts, device.value, model_type, shape, per_rank * tokens)
     attention = choose_attention(cfg, facts, device.value, dtype.value)
+    # whether the layers would be compiled without checkpointing: they then keep less for backward
+    compilable = choose_compile(cfg, facts, device.value, dtype.value, False, quant.value, shape, embedded,
+                                world).value
     parallel, fit = choose_parallel(cfg, facts, probes, shape, device=device.value, dtype=dtype.value,
                                     quant=quant.value, batch=batch.value, tokens=tokens,
                                     fused=fused.value == "liger", world=world, environ=environ,
-                                    dense_mask=cfg.packing and attention.value != "varlen")
+                                    dense_mask=cfg.packing and attention.value != "varlen",
+                                    compiled=compilable)
     per_rank = parallel.value.per_rank_batch
     micro = choose_micro_batch(cfg, fit, per_rank, world)
     ckpt = choose_checkpointing(cfg, fit, shape, tokens)
