@@ -162,8 +162,9 @@ SNAPSHOTS = {
             "QD607": ["HF_TOKEN"],
         },
     ),
-    # h200-cu130 with only the bytecode section added, as scripts/import_cost.py measured it there: the
-    # environment set PYTHONDONTWRITEBYTECODE and torch had no .pyc (a full count, not a sample)
+    # h200-cu130 with only the bytecode section added, as scripts/import_cost.py measured it there
+    # (bench/results/s5/import-cost-call1.txt): PYTHONDONTWRITEBYTECODE set, torch without any .pyc (full
+    # counts, not a sample), everything else cached
     "h200-bytecode-uncached": (
         set(),
         {"QD613"},
