@@ -105,3 +105,22 @@ def test_collect_for_the_interpreter_this_environment_starts(tmp_path):
     assert out["dont_write_bytecode"] is False and out["pycache_prefix"] == os.path.abspath("rel")
     assert out["packages"]["peft"] == {"path": str(peft), "sampled": 2, "cached": 0, "cached_in_pycache": 2,
                                        "writable": True}
+
+
+def test_an_imported_package_with_pathlike_path_entries(tmp_path, monkeypatch):
+    """Once a package is imported, find_spec answers from its __spec__, whose search locations may be Path
+    objects (seen with transformers in the full suite): the facts must still be JSON."""
+    import json
+    import types
+    from pathlib import Path
+
+    pkg = fake_package(tmp_path, "qd_fake_pkg")
+    spec = importlib.util.spec_from_file_location("qd_fake_pkg", pkg / "__init__.py",
+                                                  submodule_search_locations=[Path(pkg)])
+    mod = types.ModuleType("qd_fake_pkg")
+    mod.__spec__ = spec
+    monkeypatch.setitem(sys.modules, "qd_fake_pkg", mod)
+    out = bytecode.collect(None, {}, names=["qd_fake_pkg"])
+    st = out["packages"]["qd_fake_pkg"]
+    assert st["path"] == str(pkg) and st["sampled"] == 3
+    json.dumps(out)
