@@ -162,6 +162,16 @@ SNAPSHOTS = {
             "QD607": ["HF_TOKEN"],
         },
     ),
+    # h200-cu130 with only the bytecode section added, as scripts/import_cost.py measured it there
+    # (bench/results/s5/import-cost-call1.txt): PYTHONDONTWRITEBYTECODE set, torch without any .pyc (full
+    # counts, not a sample), everything else cached
+    "h200-bytecode-uncached": (
+        set(),
+        {"QD613"},
+        {"QD613": ["torch: bytecode not cached", "0 of 2141", "cpython-312", "PYTHONDONTWRITEBYTECODE is set",
+                   "/opt/torch/.venv/bin/python3 -m compileall -q -j 0 "
+                   "/opt/torch/.venv/lib/python3.12/site-packages/torch", "unset PYTHONDONTWRITEBYTECODE"]},
+    ),
     "cpu-only-machine": (set(), set(), {"QD201": ["no NVIDIA GPU", "CPU"]}),
     "cpu-ci-machine": (set(), set(), {"QD201": ["no NVIDIA GPU", "CPU"]}),  # collected by qdoctor.facts
 }
@@ -212,6 +222,8 @@ def variant(base: str, **changes) -> dict:
 
 
 _DEL = object()
+TORCH_DIR = "/opt/torch/.venv/lib/python3.12/site-packages/torch"
+BNB_DIR = "/opt/torch/.venv/lib/python3.12/site-packages/bitsandbytes"
 MODEL_8B = {"id": "llama-8b", "max_position_embeddings": 131072, "params": 8_030_261_248,
             "shape": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8,
                       "vocab": 128256, "head_dim": None}}
@@ -503,6 +515,40 @@ VARIANTS = {
         variant("t4", model={**MODEL_8B, "shape": {**MODEL_8B["shape"], "hidden": 8192, "intermediate": 28672,
                                                    "heads": 64, "layers": 80}}),
         {"QD901"}, {"QD203"}, {"QD901": ["FSDP"]}),
+    # QD613: silent when the bytecode is cached or will be written; a read-only directory and a prefix that
+    # hides the __pycache__ beside the sources get their own fixes
+    "bytecode-cached": (
+        variant("h200-bytecode-uncached", **{"bytecode.packages.torch.cached": 2141}), set(), set(), {}),
+    "bytecode-will-be-written": (
+        variant("h200-bytecode-uncached", **{"bytecode.dont_write_bytecode": False}), set(), set(), {}),
+    "bytecode-read-only": (
+        variant("h200-bytecode-uncached", **{"bytecode.dont_write_bytecode": False,
+                                             "bytecode.packages.torch.writable": False}),
+        set(),
+        {"QD613"},
+        {"QD613": ["torch: the .pyc files cannot be written", "not writable",
+                   "export PYTHONPYCACHEPREFIX=$HOME/.cache/pycache && "
+                   "/opt/torch/.venv/bin/python3 -m compileall"]},
+    ),
+    "bytecode-prefix-hides-pycache": (
+        variant("h200-bytecode-uncached", **{"bytecode.pycache_prefix": "/var/cache/pycache",
+                                             "bytecode.packages.torch": {"path": TORCH_DIR, "sampled": 44,
+                                                                         "cached": 0, "cached_in_pycache": 44,
+                                                                         "writable": True}}),
+        set(),
+        {"QD613"},
+        {"QD613": ["0 of 44", "under PYTHONPYCACHEPREFIX=/var/cache/pycache",
+                   "44 are cached in its __pycache__", "run it with PYTHONPYCACHEPREFIX=/var/cache/pycache",
+                   "unset PYTHONPYCACHEPREFIX"]},
+    ),
+    "bytecode-two-packages": (
+        variant("h200-bytecode-uncached", **{"bytecode.packages.bitsandbytes":
+                                             {"path": BNB_DIR, "sampled": 8, "cached": 1}}),
+        set(),
+        {"QD613"},
+        {"QD613": ["torch, bitsandbytes: bytecode not cached", "compiles them from source",
+                   f"-j 0 {TORCH_DIR} {BNB_DIR}"]},
+    ),
     "bnb-override-exists": (
         variant(
             "h200-synthetic",

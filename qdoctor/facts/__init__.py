@@ -79,6 +79,7 @@ def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=No
     """
     from qdoctor.facts import (
         bnb,
+        bytecode,
         driver,
         env,
         extensions,
@@ -118,6 +119,7 @@ def collect(deep: bool = False, timeout: float = 60.0, *, paths=None, environ=No
     facts["native"] = _timed(facts, "native", lambda: native.collect(environ, paths=paths), {})
     facts["extensions"] = _timed(facts, "extensions",
                                  lambda: extensions.collect(paths, facts["torch"].get("path")), {})
+    facts["bytecode"] = _timed(facts, "bytecode", lambda: bytecode.collect(paths, environ), {})
 
     nv_thread.join(NVML_TIMEOUT_S)
     if nv_thread.is_alive():

@@ -25,6 +25,7 @@ SECTIONS = {
     "driver": (dict, {}),
     "native": (dict, {}),
     "extensions": (dict, {}),
+    "bytecode": (dict, {}),
     "model": (dict, {}),
     "runtime": (dict, {}),
     "collectors": (dict, {}),

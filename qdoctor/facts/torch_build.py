@@ -35,8 +35,8 @@ def find_package(name: str, paths=None) -> str | None:
     if spec is None:
         return None
     locs = list(spec.submodule_search_locations or [])
-    if locs:
-        return locs[0]
+    if locs:  # a str: an imported package's __path__ may hold PathLike entries (transformers' does)
+        return os.fspath(locs[0])
     if spec.origin and os.path.basename(spec.origin) == "__init__.py":
         return os.path.dirname(spec.origin)
     return None

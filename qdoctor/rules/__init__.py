@@ -38,7 +38,7 @@ REGISTRY: list[Rule] = []
 # Area modules, imported on first use so `import qdoctor.rules` stays cheap.
 _MODULES = ["platform", "nvidia", "torch", "bitsandbytes", "packages", "environment",
             "cuda_init", "native", "jetson", "extensions", "container", "model", "verified", "bnb_cpu",
-            "multigpu"]
+            "multigpu", "bytecode"]
 
 
 def rule(code: str, slug: str, area: str, also: Iterable[str] = (), summary: bool = False):
