@@ -379,6 +379,10 @@ def _speed_measured() -> str:
     return "H200, 1.1B, 8x1024: 28.5k tok/s lean, 40.4k compiled (bench/NOTES.md)"
 
 
+def _recompute_measured() -> str:
+    return "H200, 1.1B, 8x1024: 8.4 GiB instead of 11.5; 6.7B: 28.3 instead of 37.3; bench/NOTES.md"
+
+
 # Below COMPILE_MIN_PARAMS, liger's first-use cost (Triton compiles its kernels) is more than a short run
 # saves when the logits it avoids are this small
 SMALL_LOGITS_GIB = 0.25
@@ -437,7 +441,8 @@ def choose_compile(cfg, facts, device: str, dtype: str, checkpointing: bool, qua
     if why:
         return Choice(False, why)
     return Choice(True, "torch.compile of each decoder layer (one graph for all): fuses norms, RoPE and "
-                  f"SwiGLU and recomputes them in backward; {_speed_measured()}")
+                  f"SwiGLU; {_speed_measured()}; and recomputes that pointwise work in backward instead "
+                  f"of keeping it ({_recompute_measured()})")
 
 
 def _budget_gib(facts, device: str, world: int = 1) -> tuple[float, str]:
