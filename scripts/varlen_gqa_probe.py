@@ -39,9 +39,10 @@ try:
         t.grad = None
     nat = run(True)
     out["native_ok"] = True
-    out["max_abs_diff_out"] = float((nat.float() - ref.float()).abs().max())
+    out["max_abs_diff_out"] = float((nat.detach().float() - ref.detach().float()).abs().max())
     out["max_abs_diff_grads"] = [float((t.grad.float() - r.float()).abs().max())
                                  for t, r in zip((q, k, v), grads_ref, strict=True)]
+    out["max_abs_grads_repeat"] = [float(r.float().abs().max()) for r in grads_ref]  # the scale of those
 except Exception as e:  # noqa: BLE001 - report what this torch does
     out["native_ok"] = False
     out["native_error"] = repr(e)[:300]
