@@ -64,9 +64,10 @@ def decoder_layers(model) -> list:
 # from backward, or in a long chain. Lifting those three bans (its "more aggressive" cut, still limited to
 # its allowlist of cheap ops: never a matmul, attention or a custom op such as bitsandbytes' 4-bit GEMM)
 # recomputes the norms' outputs, SiLU x up (the down projection's input) and layout copies instead of
-# keeping them. H200, 1.1B: 11.47 -> 8.39 GiB at 8x1024 (bench/NOTES.md). An activation memory budget
-# below 1 reaches the same cut where it suffices, but where it does not it goes on to recompute custom
-# ops too (H200, 1.1B packed 2x4096 with varlen attention: 21% slower), so the bans are set directly.
+# keeping them. H200, 1.1B: 11.47 -> 8.39 GiB at 8x1024; speed the same within noise on unpacked rows,
+# 7-20% lower on packed ones (bench/NOTES.md). The bans are lifted directly rather than through an
+# activation memory budget below 1: where this cut does not meet a budget, the partitioner goes on to
+# recompute ops outside its allowlist, custom ones included (torch's choose_saved_values_set).
 RECOMPUTE_POINTWISE = {"ban_recompute_used_far_apart": False, "ban_recompute_long_fusible_chains": False,
                        "ban_recompute_materialized_backward": False}
 MEMORY_BUDGET = 1.0  # the partitioner's default; scripts/bench_train.py's plan-ambNN variants change it
