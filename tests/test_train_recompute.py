@@ -92,3 +92,33 @@ def test_compiled_layers_recompute_pointwise_work_and_keep_the_same_gradients(mo
     assert grads_k.keys() == grads_r.keys() and len(grads_k) == 28
     for n, g in grads_k.items():
         assert torch.allclose(grads_r[n], g, rtol=1e-2, atol=1e-5), n
+
+
+def test_the_plan_estimates_what_compiled_layers_keep_only_where_it_compiles_them():
+    """The memory fit uses the compiled path's activation bytes when the plan compiles the layers (a GPU
+    with Triton, no checkpointing), and the eager path's when it does not (compile off)."""
+    import json
+    from pathlib import Path
+
+    from qdoctor.train import memory
+    from qdoctor.train import plan as P
+    from qdoctor.train.config import TrainConfig
+
+    snap = json.loads((Path(__file__).parent / "snapshots" / "h200-cu130.json").read_text())
+    facts = snap.get("facts", snap)
+    shape = memory.Shape(**memory.SHAPE_1B)
+
+    def make(**cfg):
+        return P.make_plan(TrainConfig(**cfg), facts, [], shape=shape, model_name="m", embedded=False,
+                           n_train=1000, max_len=1024, model_type="llama")
+
+    shape_cfg = dict(batch_size=8, micro_batch=8, seq_len=1024)
+    kw = dict(micro_batch=8, seq_len=1024, checkpointing=False)  # no liger-kernel in that snapshot: logits
+    compiled, eager = make(**shape_cfg), make(compile="off", **shape_cfg)
+    assert compiled.compile.value and not compiled.gradient_checkpointing.value
+    assert "recomputes that pointwise work" in compiled.compile.reason
+    assert compiled.memory.estimate.total_gib == pytest.approx(
+        memory.estimate(shape, compiled=True, **kw).total_gib)
+    assert not eager.compile.value
+    assert eager.memory.estimate.total_gib == pytest.approx(memory.estimate(shape, **kw).total_gib)
+    assert eager.memory.estimate.activations_gib > 1.5 * compiled.memory.estimate.activations_gib
