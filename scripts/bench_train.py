@@ -25,6 +25,8 @@ Variants of qdoctor's path (comma-separated, each its own process):
   plan-dense  the plan, but SDPA with a dense document mask for packed rows instead of varlen attention
   plan-keep  the plan, but the compiled layers keep the partitioner's default cut (speed.KEEP_POINTWISE:
             pointwise outputs kept for backward, not recomputed)
+  plan-mat  the plan, lifting only the partitioner's ban_recompute_materialized_backward (on CPU the same
+            bytes kept as lifting all three, with fewer ops recomputed; not yet measured on a GPU)
   plan-ambNN  the plan with the compiled layers' activation memory budget at 0.NN (speed.MEMORY_BUDGET)
   ckpt      the plan with gradient checkpointing on (layer inputs on the GPU)
   offload   the plan with gradient checkpointing "offload" (layer inputs in pinned host memory)
@@ -275,6 +277,8 @@ def worker(a) -> None:
         if amb:  # compile_layers sets it when the layers are compiled
             speed.MEMORY_BUDGET = int(amb.group(1)) / 100
         speed.KEEP_POINTWISE = "keep" in variant
+        if "mat" in variant.split("-"):
+            speed.RECOMPUTE_POINTWISE = {"ban_recompute_materialized_backward": False}
         ckpt = {"ckpt": "on", "offload": "offload"}.get(variant, "auto" if planned else "off")
         cfg = TrainConfig(
             model=a.model, batch_size=bs, micro_batch=bs, seq_len=seq, packing=packed, lr=2e-4, lora_r=16,
