@@ -23,11 +23,11 @@ Variants of qdoctor's path (comma-separated, each its own process):
   +flex     (suffix) attn_implementation="flex_attention"
   plan-pertensor  the plan, but the optimizer steps each LoRA tensor (not optim.FlatParams' one buffer)
   plan-dense  the plan, but SDPA with a dense document mask for packed rows instead of varlen attention
-  plan-keep  the plan, but the compiled layers keep the partitioner's default cut (speed.KEEP_POINTWISE:
-            pointwise outputs kept for backward, not recomputed)
+  plan-keep  the plan, but the compiled layers keep the partitioner's default cut (speed.RECOMPUTE_POINTWISE
+            empty: pointwise outputs kept for backward, not recomputed)
   plan-mat  the plan, lifting only the partitioner's ban_recompute_materialized_backward (on CPU the same
             bytes kept as lifting all three, with fewer ops recomputed; not yet measured on a GPU)
-  plan-ambNN  the plan with the compiled layers' activation memory budget at 0.NN (speed.MEMORY_BUDGET)
+  plan-ambNN  the plan with torch._functorch.config.activation_memory_budget = 0.NN for the compiled layers
   ckpt      the plan with gradient checkpointing on (layer inputs on the GPU)
   offload   the plan with gradient checkpointing "offload" (layer inputs in pinned host memory)
 The model runs in training mode, as loop.fit runs it (liger's fused loss skips the logits only there).
@@ -274,10 +274,13 @@ def worker(a) -> None:
         packed = seq > 1024 and bs > 1  # micro-batch 1 rows (the longest-sequence runs) are one document
         planned = variant.startswith("plan") or variant in ("ckpt", "offload")
         amb = re.search(r"amb(\d+)", variant)
-        if amb:  # compile_layers sets it when the layers are compiled
-            speed.MEMORY_BUDGET = int(amb.group(1)) / 100
-        speed.KEEP_POINTWISE = "keep" in variant
-        if "mat" in variant.split("-"):
+        if amb:  # read when the compiled layers first run
+            import torch._functorch.config as fconfig
+
+            fconfig.activation_memory_budget = int(amb.group(1)) / 100
+        if "keep" in variant.split("-"):  # a fresh process: the partitioner's defaults stand
+            speed.RECOMPUTE_POINTWISE = {}
+        elif "mat" in variant.split("-"):
             speed.RECOMPUTE_POINTWISE = {"ban_recompute_materialized_backward": False}
         ckpt = {"ckpt": "on", "offload": "offload"}.get(variant, "auto" if planned else "off")
         cfg = TrainConfig(

@@ -48,15 +48,19 @@ def _lora_model(path):
 
 
 def _saved_bytes_and_grads(path, keep: bool, monkeypatch):
-    """Bytes of distinct non-parameter tensors autograd keeps over one forward (second call: compiled),
-    and the LoRA gradients of the following backward."""
+    """_run_compiled with the partitioner's default cut (keep) or with speed.RECOMPUTE_POINTWISE."""
     import torch._functorch.config as fc
 
-    for name in speed.RECOMPUTE_POINTWISE:  # restored after the test
-        if hasattr(fc, name):
-            monkeypatch.setattr(fc, name, getattr(fc, name))
-    monkeypatch.setattr(fc, "activation_memory_budget", fc.activation_memory_budget)
-    monkeypatch.setattr(speed, "KEEP_POINTWISE", keep)
+    defaults = {name: True for name in speed.RECOMPUTE_POINTWISE if hasattr(fc, name)}
+    with fc.patch(**defaults), monkeypatch.context() as mp:  # both restored afterwards
+        if keep:
+            mp.setattr(speed, "RECOMPUTE_POINTWISE", {})
+        return _run_compiled(path)
+
+
+def _run_compiled(path):
+    """Bytes of distinct non-parameter tensors autograd keeps over one forward (second call: compiled),
+    and the LoRA gradients of the following backward."""
     torch._dynamo.reset()
     m = _lora_model(path)
     assert speed.compile_layers(m, backend=BACKEND) == 2
@@ -72,7 +76,6 @@ def _saved_bytes_and_grads(path, keep: bool, monkeypatch):
 
     for _ in range(2):  # the first call compiles; count the second
         seen.clear()
-
         m.zero_grad(set_to_none=True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast("cpu", dtype=torch.bfloat16):

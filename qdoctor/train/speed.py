@@ -68,10 +68,9 @@ def decoder_layers(model) -> list:
 # 7-20% lower on packed ones (bench/NOTES.md). The bans are lifted directly rather than through an
 # activation memory budget below 1: where this cut does not meet a budget, the partitioner goes on to
 # recompute ops outside its allowlist, custom ones included (torch's choose_saved_values_set).
+# (scripts/bench_train.py's variants replace it: {} for the partitioner's default cut)
 RECOMPUTE_POINTWISE = {"ban_recompute_used_far_apart": False, "ban_recompute_long_fusible_chains": False,
                        "ban_recompute_materialized_backward": False}
-MEMORY_BUDGET = 1.0  # the partitioner's default; scripts/bench_train.py's plan-ambNN variants change it
-KEEP_POINTWISE = False  # scripts/bench_train.py's plan-keep variant: the partitioner's default cut
 
 
 def compile_layers(model, backend: str = "inductor") -> int:
@@ -82,10 +81,9 @@ def compile_layers(model, backend: str = "inductor") -> int:
     import torch
     import torch._functorch.config as functorch_config
 
-    functorch_config.activation_memory_budget = MEMORY_BUDGET
     for name, value in RECOMPUTE_POINTWISE.items():
         if hasattr(functorch_config, name):  # an older torch without it keeps the default cut
-            setattr(functorch_config, name, True if KEEP_POINTWISE else value)
+            setattr(functorch_config, name, value)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     layers = decoder_layers(model)
     for layer in layers:
