@@ -57,6 +57,31 @@ def timed_import(mods: str, env: dict) -> float:
     return round(time.perf_counter() - t0, 2)
 
 
+UNCACHED = """
+import collections, json, os, sys
+import {mods}
+miss, hit = collections.Counter(), collections.Counter()
+for m in list(sys.modules.values()):
+    spec = getattr(m, "__spec__", None)
+    if spec is None or not spec.cached or not (spec.origin or "").endswith(".py"):
+        continue
+    top = spec.name.split(".")[0]
+    (hit if os.path.exists(spec.cached) else miss)[top] += 1
+print(json.dumps({{"from_source": dict(miss.most_common()), "cached": dict(hit.most_common(12))}}))
+"""
+
+
+def uncached_modules(mods: str, env: dict) -> dict:
+    """Which packages' modules the import loaded from source (no .pyc next to them), counted per package:
+    the bytecode check of the four named packages misses their dependencies (sympy, sklearn...)."""
+    r = subprocess.run([sys.executable, "-c", UNCACHED.format(mods=mods)], env=env, capture_output=True,
+                       text=True)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": r.stderr[-400:]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--modules", default="torch,transformers,peft,bitsandbytes")
@@ -68,6 +93,7 @@ def main() -> None:
            "packages": {n: bytecode_state(n) for n in names}}
     env = dict(os.environ)
     mods = ", ".join(names)
+    out["modules"] = uncached_modules(mods, env)
     out["import_s_as_installed"] = [timed_import(mods, env) for _ in range(a.repeat)]
     with tempfile.TemporaryDirectory() as d:
         env["PYTHONPYCACHEPREFIX"] = d

@@ -2,6 +2,7 @@
 optimizer steps and writes the kernels' device time, so two trainers can be compared kernel by kernel.
 
     python scripts/kernel_profile.py --out k.json [--skip 4 --active 3] -- script.py ARGS...
+    python scripts/kernel_profile.py --out k.json -m qdoctor -- train --skip-probes --output /tmp/run
 
 Step boundaries come from torch's global optimizer-step hook, so the script needs no change (the peer loops
 are measuring instruments and stay as they are). The first --skip steps (compilation, warm-up) are not
@@ -42,9 +43,14 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=4, help="optimizer steps before recording")
     ap.add_argument("--active", type=int, default=3, help="optimizer steps recorded")
     ap.add_argument("--top", type=int, default=40)
-    ap.add_argument("script")
+    ap.add_argument("-m", dest="module", help="run this module as `python -m` would, instead of a script")
+    ap.add_argument("script", nargs="?")
     ap.add_argument("args", nargs=argparse.REMAINDER)
     a = ap.parse_args()
+    if a.module and a.script:
+        a.args, a.script = [a.script, *a.args], None
+    elif not a.module and not a.script:
+        ap.error("give a script, or -m MODULE")
 
     import time
 
@@ -61,7 +67,14 @@ def main() -> None:
         per = defaultdict(float)
         kinds = defaultdict(float)
         count = defaultdict(int)
+        host = {"top_level_ops": 0, "kernels": 0, "optimizer_cpu_us": 0.0}
         for e in p.events() or []:
+            on_gpu = getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+            nested = e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")
+            if not on_gpu and e.name.startswith("aten::") and not nested:
+                host["top_level_ops"] += 1
+            if not on_gpu and e.name.startswith("Optimizer.step#"):
+                host["optimizer_cpu_us"] += e.cpu_time_total
             # the GPU-side copies of annotated ranges (ProfilerStep#, Optimizer.step#...) span kernels that
             # are counted on their own: adding them would count that time twice
             annotation = getattr(e, "is_user_annotation", False) or e.name.startswith(ANNOTATIONS)
@@ -69,14 +82,20 @@ def main() -> None:
                 us = e.device_time if hasattr(e, "device_time") else e.cuda_time
                 per[e.name] += us
                 count[e.name] += 1
+                host["kernels"] += 1
                 kinds[_kind(e.name)] += us
         total = sum(per.values())
         ts = state["t"]
         rows = sorted(per.items(), key=lambda kv: -kv[1])[: a.top]
-        doc = {"script": a.script, "args": a.args, "active_steps": a.active,
+        doc = {"script": a.script, "module": a.module, "args": a.args, "active_steps": a.active,
                "gpu_ms_per_step": round(total / 1000 / a.active, 2),
                "wall_ms_per_step": round(1000 * (ts[-1] - ts[-1 - a.active]) / a.active, 2)
                if len(ts) > a.active else None,
+               # the host's share: dispatched ops and kernel launches per step, and the optimizer's
+               # CPU time (for a small model the step is bound by these, not by the GPU)
+               "top_level_ops_per_step": round(host["top_level_ops"] / a.active),
+               "kernels_per_step": round(host["kernels"] / a.active),
+               "optimizer_cpu_ms_per_step": round(host["optimizer_cpu_us"] / 1000 / a.active, 2),
                "by_kind_ms_per_step": {k: round(v / 1000 / a.active, 2)
                                        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                "kernels": [{"name": n[:160], "ms_per_step": round(v / 1000 / a.active, 3),
@@ -97,9 +116,12 @@ def main() -> None:
 
     register_optimizer_step_post_hook(on_step)
     prof.start()
-    sys.argv = [a.script, *a.args]
+    sys.argv = [a.script or a.module, *a.args]
     try:
-        runpy.run_path(a.script, run_name="__main__")
+        if a.module:
+            runpy.run_module(a.module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(a.script, run_name="__main__")
     finally:
         prof.stop()
 
