@@ -28,6 +28,8 @@ Variants of qdoctor's path (comma-separated, each its own process):
   plan-mat  the plan, lifting only the partitioner's ban_recompute_materialized_backward (on CPU the same
             bytes kept as lifting all three, with fewer ops recomputed; not yet measured on a GPU)
   plan-ambNN  the plan with torch._functorch.config.activation_memory_budget = 0.NN for the compiled layers
+  plan-cg   the plan, its compiled layers replayed as CUDA graphs (inductor's triton.cudagraphs, what
+            mode="reduce-overhead" sets): one launch per layer graph instead of one per kernel and extern call
   ckpt      the plan with gradient checkpointing on (layer inputs on the GPU)
   offload   the plan with gradient checkpointing "offload" (layer inputs in pinned host memory)
 The model runs in training mode, as loop.fit runs it (liger's fused loss skips the logits only there).
@@ -282,6 +284,10 @@ def worker(a) -> None:
             speed.RECOMPUTE_POINTWISE = {}
         elif "mat" in variant.split("-"):
             speed.RECOMPUTE_POINTWISE = {"ban_recompute_materialized_backward": False}
+        if "cg" in variant.split("-"):  # read when the layers compile
+            import torch._inductor.config as iconfig
+
+            iconfig.triton.cudagraphs = True
         ckpt = {"ckpt": "on", "offload": "offload"}.get(variant, "auto" if planned else "off")
         cfg = TrainConfig(
             model=a.model, batch_size=bs, micro_batch=bs, seq_len=seq, packing=packed, lr=2e-4, lora_r=16,
@@ -373,6 +379,10 @@ def worker(a) -> None:
                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         if cap_fraction is not None:
             rec.update({"mem_cap_gib": a.mem_cap, "mem_cap_fraction": round(cap_fraction, 4)})
+        if "cg" in variant.split("-"):  # graphs inductor declined to replay (CPU inputs, mutations...)
+            from torch._dynamo.utils import counters
+
+            rec["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
         if loaded_ckpt == "offload":
             done = max(1, len(losses))  # steps whose layer inputs were moved (a failed one: what it moved)
             rec.update({"plan_host_gib": round(plan.memory.estimate.host_gib, 2),
