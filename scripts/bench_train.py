@@ -28,8 +28,8 @@ Variants of qdoctor's path (comma-separated, each its own process):
   plan-mat  the plan, lifting only the partitioner's ban_recompute_materialized_backward (on CPU the same
             bytes kept as lifting all three, with fewer ops recomputed; not yet measured on a GPU)
   plan-ambNN  the plan with torch._functorch.config.activation_memory_budget = 0.NN for the compiled layers
-  plan-cg   the plan, its compiled layers replayed as CUDA graphs (inductor's triton.cudagraphs, what
-            mode="reduce-overhead" sets): one launch per layer graph instead of one per kernel and extern call
+  plan-nocg  the plan, but its compiled layers run without CUDA graphs (speed.uses_cudagraphs false: one
+            launch per kernel and library call, as before session 6)
   ckpt      the plan with gradient checkpointing on (layer inputs on the GPU)
   offload   the plan with gradient checkpointing "offload" (layer inputs in pinned host memory)
 The model runs in training mode, as loop.fit runs it (liger's fused loss skips the logits only there).
@@ -284,10 +284,8 @@ def worker(a) -> None:
             speed.RECOMPUTE_POINTWISE = {}
         elif "mat" in variant.split("-"):
             speed.RECOMPUTE_POINTWISE = {"ban_recompute_materialized_backward": False}
-        if "cg" in variant.split("-"):  # read when the layers compile
-            import torch._inductor.config as iconfig
-
-            iconfig.triton.cudagraphs = True
+        if "nocg" in variant.split("-"):  # read when the layers compile and at each forward
+            speed.uses_cudagraphs = lambda plan: False
         ckpt = {"ckpt": "on", "offload": "offload"}.get(variant, "auto" if planned else "off")
         cfg = TrainConfig(
             model=a.model, batch_size=bs, micro_batch=bs, seq_len=seq, packing=packed, lr=2e-4, lora_r=16,
@@ -379,7 +377,7 @@ def worker(a) -> None:
                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         if cap_fraction is not None:
             rec.update({"mem_cap_gib": a.mem_cap, "mem_cap_fraction": round(cap_fraction, 4)})
-        if "cg" in variant.split("-"):  # graphs inductor declined to replay (CPU inputs, mutations...)
+        if speed.uses_cudagraphs(plan):  # graphs inductor declined to replay (CPU inputs, mutations...)
             from torch._dynamo.utils import counters
 
             rec["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))

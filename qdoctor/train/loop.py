@@ -217,6 +217,8 @@ def forward_loss(run: Run, batch: dict, weight: float):
             batch["attention_mask"])
         batch = {**batch, **extra}
     batch = to_device(batch, run.device)
+    if speed.uses_cudagraphs(run.plan):  # each forward (and its backward) is one iteration of the graphs
+        speed.mark_iteration()
     with torch.autocast(
         run.device.split(":")[0], dtype=run.autocast_dtype, enabled=run.plan.dtype.value != "fp32"
     ):

@@ -463,7 +463,7 @@ def apply_speed(model, plan) -> None:
     if plan.fused_loss.value == "liger":
         speed.apply_liger(model, model.config.model_type, parts=("fused_linear_cross_entropy",))
     if plan.compile.value:
-        speed.compile_layers(model)
+        speed.compile_layers(model, cudagraphs=speed.uses_cudagraphs(plan))
 
 
 def keep_cpu_4bit_layout(model) -> None:

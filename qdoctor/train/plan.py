@@ -379,6 +379,10 @@ def _speed_measured() -> str:
     return "H200, 1.1B, 8x1024: 28.5k tok/s lean, 40.4k compiled (bench/NOTES.md)"
 
 
+def _cudagraphs_measured() -> str:
+    return "H200, 1.1B, 8x1024: 55.1k tok/s without, 77.6k with, the same peak; bench/NOTES.md"
+
+
 def _recompute_measured() -> str:
     return "H200, 1.1B, 8x1024: 8.4 GiB instead of 11.5; 6.7B: 28.3 instead of 37.3; bench/NOTES.md"
 
@@ -441,8 +445,9 @@ def choose_compile(cfg, facts, device: str, dtype: str, checkpointing: bool, qua
     if why:
         return Choice(False, why)
     return Choice(True, "torch.compile of each decoder layer (one graph for all): fuses norms, RoPE and "
-                  f"SwiGLU; {_speed_measured()}; and recomputes that pointwise work in backward instead "
-                  f"of keeping it ({_recompute_measured()})")
+                  f"SwiGLU; {_speed_measured()}; recomputes that pointwise work in backward instead "
+                  f"of keeping it ({_recompute_measured()}); and replays each layer as CUDA graphs, one "
+                  f"launch instead of one per kernel, ~110 per layer and pass ({_cudagraphs_measured()})")
 
 
 def _budget_gib(facts, device: str, world: int = 1) -> tuple[float, str]:
