@@ -49,3 +49,8 @@ def stack(mx: dict | None = None) -> tuple[str, ...]:
 
 def stack_neighbours(mx: dict | None = None) -> tuple[str, ...]:
     return tuple(_stack_table(mx).get("neighbours", ()))
+
+
+def stack_imported(mx: dict | None = None) -> tuple[str, ...]:
+    """Import packages the stack's own import loads on every start (packages.toml [stack] imported)."""
+    return tuple(_stack_table(mx).get("imported", ()))

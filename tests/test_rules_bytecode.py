@@ -62,3 +62,29 @@ def test_check_on_a_tree_without_bytecode(tmp_path, monkeypatch):
     facts = normalize(json.loads(json.dumps(collect(paths=[str(site)], use_cache=False))))
     assert facts["bytecode"]["packages"]["torch"]["cached"] == 2
     assert not [f for f in run(facts) if f.code == "QD613"]
+
+
+def test_an_uncached_dependency_of_the_stack_fires_with_its_own_fix(tmp_path, monkeypatch):
+    """torch's own bytecode is cached but sympy's (which `import torch` loads) is not: the finding names
+    sympy alone, and its fix compiles sympy's directory."""
+    import subprocess
+
+    site = tmp_path / "site"
+    for name in ("torch", "sympy"):
+        (site / name).mkdir(parents=True)
+        for m in ("__init__", "core"):
+            (site / name / f"{m}.py").write_text("X = 1\n")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX="")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(site / "torch")], check=True, env=env,
+                   timeout=120)
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    monkeypatch.setenv("QDOCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    from qdoctor.facts import collect
+
+    facts = normalize(json.loads(json.dumps(collect(paths=[str(site)], use_cache=False))))
+    assert facts["bytecode"]["packages"]["torch"]["cached"] == 2
+    assert facts["bytecode"]["packages"]["sympy"]["cached"] == 0
+    fs = [f for f in run(facts) if f.code == "QD613"]
+    assert len(fs) == 1 and fs[0].title.startswith("sympy: bytecode not cached"), fs
+    assert fs[0].fix.splitlines()[0].split("  #")[0].endswith(f"-m compileall -q -j 0 {site / 'sympy'}")

@@ -77,9 +77,11 @@ def package_state(pkg_dir: str, tag: str, prefix: str | None = None, optimize: i
 
 
 def collect(paths=None, environ=None, names=None) -> dict:
-    """The bytecode facts of the stack's packages found on `paths` (default sys.path)."""
+    """The bytecode facts of the stack's packages, and of those its import loads (sympy, numpy...: an
+    uncached dependency costs every start as much), found on `paths` (default sys.path)."""
     from qdoctor.facts.packages import stack
     from qdoctor.facts.torch_build import find_package
+    from qdoctor.matrix import stack_imported
 
     env = os.environ if environ is None else environ
     tag = sys.implementation.cache_tag
@@ -92,7 +94,7 @@ def collect(paths=None, environ=None, names=None) -> dict:
            "packages": {}}
     if tag is None:  # an implementation that caches no bytecode: nothing to look for
         return out
-    for name in stack() if names is None else names:
+    for name in stack() + stack_imported() if names is None else names:
         pkg_dir = find_package(name, paths)
         if pkg_dir:
             out["packages"][name] = package_state(pkg_dir, tag, prefix, optimize)

@@ -48,7 +48,8 @@ def _fix(bc: dict, stuck: dict, python: str) -> str:
 
 @rule("QD613", "bytecode-never-cached", "environment")
 def bytecode_never_cached(facts, matrix):
-    """A stack package (torch, transformers, peft, bitsandbytes, accelerate) has no compiled bytecode (.pyc)
+    """A stack package (torch, transformers, peft, bitsandbytes, accelerate), or one their import loads
+    (sympy, networkx, numpy, mpmath, triton, jinja2: matrix/packages.toml), has no compiled bytecode (.pyc)
     for this interpreter, and none will be written: PYTHONDONTWRITEBYTECODE is set (Docker images often
     set it; a wheel installed with it set, or with `pip install --no-compile`, has no .pyc at all), or the
     directory the .pyc would go to is not writable. Every process that imports the package then compiles it
@@ -57,6 +58,10 @@ def bytecode_never_cached(facts, matrix):
     package's top-level modules; fewer than half of them cached counts as uncached. Pointing
     PYTHONPYCACHEPREFIX at an empty directory made it slower there (24.4 s): Python then ignores the
     `__pycache__` beside the sources and, with the variable set, writes nothing into the prefix either.
+    On another H200 machine of that image, sympy, networkx, numpy, mpmath, triton and jinja2 were uncached
+    too; byte-compiling the whole site-packages took `import torch, transformers, peft, bitsandbytes` from
+    14.8 s to 9.8 s, and the embedded `qdoctor train` ran in 10.6-11.1 s (with torch alone compiled,
+    17.6-18.2 s in an earlier call; bench/NOTES.md).
     Warning (performance, not correctness): `python -m compileall` writes the .pyc files whatever the
     variable says (run it with the prefix training will use, if any); or unset the variable. Sources:
     https://docs.python.org/3/using/cmdline.html#envvar-PYTHONDONTWRITEBYTECODE,

@@ -71,16 +71,21 @@ CALIBRATION = [
     (SHAPE_7B, 1, 8192, True, "eager", 7.68, BENCH_H200_LONG),
     (SHAPE_7B, 1, 16384, True, "eager", 11.38, BENCH_H200_LONG),
 ]
-# held out (not used to fit ACT_BYTES): the same path in other calls, all 1.1B (no 6.7B repeat was run):
-# -s5-1b-budget.json (an activation memory budget of 0.9 reached the same cut), -s5-1b-keep.json's and
-# -s5-1b-packed.json's "plan" rows. (shape, micro_batch, seq_len, packed, measured peak GiB); packed rows
-# with variable-length attention have no dense mask: packed=False in the estimate's sense
+# held out (not used to fit ACT_BYTES): the same path in other calls: -s5-1b-budget.json (an activation
+# memory budget of 0.9 reached the same cut), -s5-1b-keep.json's and -s5-1b-packed.json's "plan" rows; and
+# session 6's, the compiled layers replayed as CUDA graphs: -s6-1b.json and -s6-7b.json (the first 6.7B
+# repeats). (shape, micro_batch, seq_len, packed, measured peak GiB); packed rows with variable-length
+# attention have no dense mask: packed=False in the estimate's sense
 HELD_OUT_COMPILED = [
     (SHAPE_1B, 8, 1024, False, 8.39),
     (SHAPE_1B, 2, 4096, False, 8.33),
     (SHAPE_1B, 8, 1024, False, 8.33),
     (SHAPE_1B, 2, 4096, False, 8.33),
     (SHAPE_1B, 2, 4096, False, 8.33),
+    (SHAPE_1B, 8, 1024, False, 8.36),
+    (SHAPE_1B, 2, 4096, False, 8.37),
+    (SHAPE_7B, 8, 1024, False, 28.24),
+    (SHAPE_7B, 2, 4096, False, 28.35),
 ]
 # offloaded checkpointing, micro-batch 1, under a 24 GiB cap
 # (bench/results/h200-2026-11-29-s4-longest-cap24.json)
