@@ -247,8 +247,9 @@ def step_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def collate(examples, pad_id: int):
-    """Right-pad to the longest in the micro-batch; returns torch tensors.
+def collate(examples, pad_id: int, length=None):
+    """Right-pad to the longest in the micro-batch, or to `length(longest)` (compiled layers: a few fixed
+    lengths, speed.row_length); returns torch tensors.
 
     Packed rows (ids, labels, position_ids) get position_ids and no attention_mask, which makes
     transformers mask attention per document; padding there forms a document of its own.
@@ -256,6 +257,7 @@ def collate(examples, pad_id: int):
     import torch
 
     n = max(len(x[0]) for x in examples)
+    n = length(n) if length else n
     packed = all(len(x) > 2 for x in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)

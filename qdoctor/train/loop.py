@@ -244,6 +244,10 @@ def to_device(batch: dict, device: str) -> dict:
     return out
 
 
+def _collate(run: Run, examples: list) -> dict:
+    return collate(examples, run.pad_id, lambda n: speed.row_length(run.plan, n))
+
+
 def _label_tokens(examples) -> int:
     return sum(sum(1 for x in b[1:] if x != IGNORE) for _, b, *_ in examples)
 
@@ -268,7 +272,7 @@ def train_step(run: Run, examples: list, micro: int, accum: int) -> tuple[float,
     losses = []
     for i, chunk in enumerate(chunks):
         with dist_.no_sync(run.model, last=i == accum - 1):
-            loss = forward_loss(run, collate(chunk, run.pad_id), counts[i] / n_label)
+            loss = forward_loss(run, _collate(run, chunk), counts[i] / n_label)
             losses.append(loss.detach())
             run.scaler.scale(loss * scale if scale > 1 else loss).backward()
     run.scaler.unscale_(run.optimizer)
@@ -329,7 +333,7 @@ def evaluate(run: Run) -> float | None:
         with torch.no_grad():
             for i in range(0, len(mine), run.micro):
                 chunk = mine[i : i + run.micro]
-                parts.append(forward_loss(on, collate(chunk, run.pad_id), _label_tokens(chunk) / n_label))
+                parts.append(forward_loss(on, _collate(run, chunk), _label_tokens(chunk) / n_label))
         total = sum(read_back(run, parts)) if parts else 0.0  # one wait for the device, not one a batch
         run.model.train()
         return total if run.sharded else dist_.sum_(world, total)

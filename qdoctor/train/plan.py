@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 from qdoctor import devices, strict_json
 from qdoctor.arch import cc_tuple, sm
 from qdoctor.findings import Finding
-from qdoctor.train import memory
+from qdoctor.train import memory, speed
 from qdoctor.train.config import DEFAULT_BATCH, TrainConfig, batch_split, resolve_seq_len
 
 EMBEDDED_LR, EMBEDDED_STEPS = 3e-3, 60
@@ -405,8 +405,6 @@ def choose_fused_loss(cfg, facts, device: str, model_type: str | None, shape=Non
                       tokens: int = 0) -> Choice[str]:
     """`shape` and `tokens` (one process's tokens per optimizer step, an upper bound on a micro-step's): a
     small model whose logits are small keeps the standard loss (see SMALL_LOGITS_GIB)."""
-    from qdoctor.train import speed
-
     missing = speed.liger_missing(device, model_type, facts.get("packages"))
     if cfg.fused_loss == "none":
         return Choice("none", "set by you")
@@ -448,6 +446,15 @@ def choose_compile(cfg, facts, device: str, dtype: str, checkpointing: bool, qua
                   f"SwiGLU; {_speed_measured()}; recomputes that pointwise work in backward instead "
                   f"of keeping it ({_recompute_measured()}); and replays each layer as CUDA graphs, one "
                   f"launch instead of one per kernel, ~110 per layer and pass ({_cudagraphs_measured()})")
+
+
+def _with_row_lengths(choice: Choice[bool], seq_len: int) -> Choice[bool]:
+    """A compiled plan pads rows to a few fixed lengths (speed.padded_len); its reason says so."""
+    if not choice.value:
+        return choice
+    step = speed.padded_len(1, seq_len)
+    return Choice(True, f"{choice.reason}; rows padded to a multiple of {step} tokens, so it compiles for at "
+                  "most 8 lengths, not one per longest example")
 
 
 def _budget_gib(facts, device: str, world: int = 1) -> tuple[float, str]:
@@ -750,8 +757,6 @@ def choose_attention(cfg: TrainConfig, facts: dict, device: str, dtype: str) -> 
     """Packed rows need attention kept inside each document: variable-length flash attention ("varlen")
     where torch, the GPU and the dtype allow it, else SDPA with a dense document mask (slower, and its memory
     counted in the estimate)."""
-    from qdoctor.train import speed
-
     if cfg.attention in ("sdpa", "eager"):
         return Choice(cfg.attention, "set by you")
     tv = (facts.get("torch") or {}).get("version") or (facts.get("packages") or {}).get("torch")
@@ -870,13 +875,17 @@ def make_plan(
     quant = choose_quantization(cfg, facts, probes)
     batch = choose_batch(cfg, world)
     seq_len = choose_seq_len(cfg, max_positions)
-    tokens = seq_len.value if cfg.packing else min(seq_len.value, max_len or seq_len.value)
+    # whether the layers would be compiled without checkpointing: they then keep less for backward, and
+    # rows are padded to a few fixed lengths (speed.padded_len), which the estimate must count
+    compilable = choose_compile(cfg, facts, device.value, dtype.value, False, quant.value, shape, embedded,
+                                world).value
+    longest = min(seq_len.value, max_len or seq_len.value)
+    if compilable:
+        longest = speed.padded_len(longest, seq_len.value)
+    tokens = seq_len.value if cfg.packing else longest
     per_rank = batch.value // world
     fused = choose_fused_loss(cfg, facts, device.value, model_type, shape, per_rank * tokens)
     attention = choose_attention(cfg, facts, device.value, dtype.value)
-    # whether the layers would be compiled without checkpointing: they then keep less for backward
-    compilable = choose_compile(cfg, facts, device.value, dtype.value, False, quant.value, shape, embedded,
-                                world).value
     parallel, fit = choose_parallel(cfg, facts, probes, shape, device=device.value, dtype=dtype.value,
                                     quant=quant.value, batch=batch.value, tokens=tokens,
                                     fused=fused.value == "liger", world=world, environ=environ,
@@ -910,9 +919,9 @@ def make_plan(
         max_grad_norm=Choice(cfg.max_grad_norm, "QLoRA: 0.3" if cfg.max_grad_norm == 0.3 else "set by you"),
         weight_decay=Choice(cfg.weight_decay, "QLoRA: 0" if cfg.weight_decay == 0 else "set by you"),
         fused_loss=fused,
-        compile=choose_compile(
+        compile=_with_row_lengths(choose_compile(
             cfg, facts, device.value, dtype.value, ckpt.value, quant.value, shape, embedded, world
-        ),
+        ), seq_len.value),
         parallel=parallel,
         memory=MemoryFit(device.value, fit.budget_gib, fit.budget, fit.estimate, tokens,
                          shape.total_params() / 1e9),

@@ -110,6 +110,24 @@ def uses_cudagraphs(plan) -> bool:
                 and not value("gradient_checkpointing"))
 
 
+def padded_len(n: int, seq_len: int) -> int:
+    """The row length a compiled model gets for a micro-batch whose longest row has `n` tokens: `n` rounded
+    up to a multiple of an eighth of the sequence length (at least 64), never beyond it. Compiled layers
+    specialise on the length (dynamic=False) and CUDA graphs record one graph per length, so rows padded
+    to the longest example would compile and record once per distinct length (up to the recompile limit,
+    then run uncompiled); this gives at most eight. Padding sits after each row's last token: attention is
+    causal and its labels are ignored, so the loss does not change."""
+    step = max(64, seq_len // 8)
+    return max(n, min(seq_len, -(-n // step) * step))
+
+
+def row_length(plan, n: int) -> int:
+    """padded_len where the plan compiles the layers; `n` (pad to the longest) elsewhere."""
+    compiled = getattr(getattr(plan, "compile", None), "value", False)
+    seq = getattr(getattr(plan, "seq_len", None), "value", None)
+    return padded_len(n, seq) if compiled and seq else n
+
+
 def mark_iteration() -> None:
     """Tell torch's CUDA-graph trees that a new forward/backward starts: the outputs of the previous one may
     be reused. Without it, a step whose packed rows have a new number of documents (another recorded graph)
