@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from train_support import toy_lm
 
 from qdoctor.train import memory, speed
 from qdoctor.train import plan as P
@@ -77,20 +78,8 @@ def test_every_forward_of_a_step_and_of_the_evaluation_marks_a_new_iteration(mon
     torch = pytest.importorskip("torch")
     from qdoctor.train import loop
 
-    class Toy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(16, 8)
-            self.out = torch.nn.Linear(8, 16)
-
-        def forward(self, input_ids, labels, attention_mask=None):
-            logits = self.out(self.emb(input_ids))
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, 16), labels[:, 1:].reshape(-1), ignore_index=-100)
-            return SimpleNamespace(loss=loss)
-
     torch.manual_seed(0)
-    model = Toy()
+    model = toy_lm()
     cfg = TrainConfig(device="cpu", dtype="fp32", quantization="none", optimizer="adamw", batch_size=4,
                       micro_batch=2)
     plan = _plan(_facts("cpu-ci-machine.json"), cfg)

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from train_support import toy_lm
 
 from qdoctor.train import memory, speed
 from qdoctor.train import plan as P
@@ -90,20 +91,7 @@ def test_the_loop_pads_each_micro_batch_as_the_plan_says(monkeypatch):
     from qdoctor.train import loop
 
     seen = []
-
-    class Toy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(16, 8)
-            self.out = torch.nn.Linear(8, 16)
-
-        def forward(self, input_ids, labels, attention_mask=None):
-            seen.append(input_ids.shape[1])
-            logits = self.out(self.emb(input_ids))
-            return SimpleNamespace(loss=torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, 16), labels[:, 1:].reshape(-1), ignore_index=IGNORE))
-
-    model = Toy()
+    model = toy_lm(record=seen)
     cfg = TrainConfig(device="cpu", dtype="fp32", quantization="none", optimizer="adamw", batch_size=2,
                       micro_batch=2)
     plan = _plan(_facts("cpu-ci-machine.json"), cfg=cfg)
