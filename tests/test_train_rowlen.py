@@ -37,9 +37,12 @@ def test_padded_len_rounds_up_to_an_eighth_of_the_sequence_never_below_the_row(n
     assert speed.padded_len(n, seq) == want
 
 
-def test_at_most_eight_lengths_for_any_longest_example():
-    assert len({speed.padded_len(n, 1024) for n in range(1, 1025)}) == 8
-    assert len({speed.padded_len(n, 4096) for n in range(1, 4097)}) == 8
+@pytest.mark.parametrize("seq", [256, 1000, 1001, 1024, 1500, 4096, 4097])
+def test_at_most_eight_lengths_for_any_longest_example(seq):
+    lengths = {speed.padded_len(n, seq) for n in range(1, seq + 1)}
+    assert len(lengths) <= 8 and max(lengths) == seq
+    if seq >= 512:
+        assert len(lengths) == 8
 
 
 def test_only_a_compiling_plan_pads_and_its_estimate_counts_the_padded_rows():

@@ -113,12 +113,12 @@ def _setting(plan, name: str, default=None):
 
 def padded_len(n: int, seq_len: int) -> int:
     """The row length a compiled model gets for a micro-batch whose longest row has `n` tokens: `n` rounded
-    up to a multiple of an eighth of the sequence length (at least 64), never beyond it. Compiled layers
-    specialise on the length (dynamic=False) and CUDA graphs record one graph per length, so rows padded
-    to the longest example would compile and record once per distinct length (up to the recompile limit,
-    then run uncompiled); this gives at most eight. Padding sits after each row's last token: attention is
-    causal and its labels are ignored, so the loss does not change."""
-    step = max(64, seq_len // 8)
+    up to a multiple of an eighth of the sequence length (itself rounded up, at least 64), never beyond it.
+    Compiled layers specialise on the length (dynamic=False) and CUDA graphs record one graph per length,
+    so rows padded to the longest example would compile and record once per distinct length (up to the
+    recompile limit, then run uncompiled); this gives at most eight. Padding sits after each row's last
+    token: attention is causal and its labels are ignored, so the loss does not change."""
+    step = max(64, -(-seq_len // 8))  # rounded up: eight steps reach seq_len, so eight lengths at most
     return max(n, min(seq_len, -(-n // step) * step))
 
 
